@@ -1,0 +1,174 @@
+"""The `facelens` command: thin sub-commands over the Python API.
+
+Every error a user can cause is a `FaceLensError`; the CLI prints it as one line
+on stderr and exits with status 1, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import FaceLensError
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable]:
+    """Register a sub-command: the decorated function adds its arguments; ``run_<name>`` runs it."""
+
+    def deco(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable:
+        handler = globals()[f"run_{name.replace('-', '_')}"]
+        _COMMANDS[name] = (handler, add_args, help_text)
+        return add_args
+
+    return deco
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# -- models ---------------------------------------------------------------------------------------
+def run_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    rows = list_models()
+    if args.json:
+        _print_json(rows)
+        return 0
+    cols = ("name", "task", "input", "license", "cached", "source")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0
+
+
+@command("models", "list the model zoo: task, input, license, source, whether weights are cached")
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+# -- embed ----------------------------------------------------------------------------------------
+def run_embed(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    model = load_model(args.model)
+    vec = model.embed(args.image, face=args.face)
+    _print_json({"image": args.image, "model": model.name, "dim": len(vec),
+                 "embedding": [round(float(v), 6) for v in vec]})
+    return 0
+
+
+@command("embed", "print the face embedding of an image")
+def _embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    p.add_argument("--model", default="dlib-resnet")
+    p.add_argument("--face", type=int, default=None, help="index of the face (largest first); default: largest")
+
+
+# -- predict --------------------------------------------------------------------------------------
+def run_predict(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    model = load_model(args.model)
+    probs = model.predict(args.image, face=args.face)
+    top = dict(list(probs.items())[: args.top])
+    _print_json({"image": args.image, "model": model.name, "top": top})
+    return 0
+
+
+@command("predict", "print a classifier's top classes for the face in an image")
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    p.add_argument("--model", required=True)
+    p.add_argument("--face", type=int, default=None)
+    p.add_argument("--top", type=int, default=5)
+
+
+# -- explain --------------------------------------------------------------------------------------
+def run_explain(args: argparse.Namespace) -> int:
+    from .explain.api import explain_methods
+    from .explain.render import figure_grid
+    from .outputs import save_png, write_json
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    target: object = args.target
+    if isinstance(target, str) and target.lstrip("-").isdigit():
+        target = int(target)
+    exps = explain_methods(args.model, args.image, methods, target, reference=args.reference,
+                           face=args.face, batch_size=args.batch_size, seed=args.seed)
+    out = Path(args.out)
+    records = []
+    for e in exps:
+        paths = e.save(out)
+        records.append({**e.summary(), "files": {k: str(v) for k, v in paths.items()}})
+    grid = out / "methods_grid.png"
+    save_png(grid, figure_grid(exps, on="photo" if args.on_photo else "chip",
+                               title=f"{exps[0].model}: {exps[0].target}"))
+    write_json(out / "explanations.json", {"image": args.image, "explanations": records, "grid": str(grid)})
+    for r in records:
+        print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  score={r['score']:.4f}")
+    print(out / "explanations.json")
+    return 0
+
+
+@command("explain", "saliency maps of one face with one or several methods")
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image")
+    p.add_argument("--model", default="dlib-resnet")
+    p.add_argument("--method", default="gradcam,occlusion", help="comma-separated method names")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target", default=None, help="class name or index (classifiers)")
+    g.add_argument("--reference", default=None, help="a second photo: explain the match (recognizers)")
+    p.add_argument("--face", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--on-photo", action="store_true", help="draw the grid on the photo instead of the chip")
+    p.add_argument("--out", default="out/explain")
+
+
+# -- demo -----------------------------------------------------------------------------------------
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo as demo
+
+    path = demo(Path(args.out))
+    print(path)
+    return 0
+
+
+@command("demo", "embed and classify the embedded public-domain portraits; write a JSON summary")
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facelens", description="Explain face CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, add_args, help_text) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = _COMMANDS[args.command][0]
+    try:
+        return handler(args)
+    except FaceLensError as exc:
+        print(f"facelens: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("facelens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
