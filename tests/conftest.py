@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
+import os
 
-import pytest
+# Busy-waiting OpenMP threads make torch 10-100× slower when other processes share the 2 cores;
+# this must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import csv  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "faces"

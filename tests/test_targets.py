@@ -21,6 +21,8 @@ def test_similarity_metrics():
     out = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-3.0, -4.0]])
     cos = Similarity(ref)(out)
     assert torch.allclose(cos, torch.tensor([1.0, 0.0, -1.0]))
+    dot = Similarity(ref, "dot")(out)
+    assert torch.allclose(dot, torch.tensor([5.0, 0.0, -5.0]))
     l2 = Similarity(ref, "neg_l2")(out)
     assert torch.allclose(l2, torch.tensor([0.0, -5.0, -10.0]))
     with pytest.raises(ModelError):

@@ -135,6 +135,42 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/explain")
 
 
+# -- evaluate -------------------------------------------------------------------------------------
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate.runner import evaluate, write_evaluation
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
+    result = evaluate(args.manifest, args.model, methods, metrics, datasets=datasets, limit=args.limit,
+                      baseline=args.baseline, steps=args.steps, pointing_region=args.pointing_region,
+                      batch_size=args.batch_size, seed=args.seed)
+    paths = write_evaluation(result, Path(args.out))
+    print(f"{result.rows_out}/{result.rows_in} photos evaluated, {len(result.skipped)} skipped, "
+          f"{result.seconds:.1f} s")
+    for bad in result.skipped[:10]:
+        print(f"  skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    print(paths["json"])
+    return 0
+
+
+@command("evaluate", "score saliency methods on a manifest of photos (deletion, insertion, masking, ...)")
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="CSV with a 'path' column (the ../shared/faces format)")
+    p.add_argument("--model", default="dlib-resnet")
+    p.add_argument("--methods", default="gradcam,occlusion")
+    p.add_argument("--metrics", default="deletion,insertion,masked,agreement",
+                   help="comma-separated: deletion, insertion, masked, pointing, agreement")
+    p.add_argument("--datasets", default=None, help="only these manifest datasets (comma-separated)")
+    p.add_argument("--limit", type=int, default=None, help="first N rows only")
+    p.add_argument("--baseline", default="blur", choices=["blur", "mean", "zero"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--pointing-region", default="eyes")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/evaluate")
+
+
 # -- demo -----------------------------------------------------------------------------------------
 def run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo as demo

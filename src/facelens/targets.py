@@ -34,7 +34,7 @@ __all__ = [
     "as_target",
 ]
 
-Metric = Literal["cosine", "neg_l2"]
+Metric = Literal["cosine", "neg_l2", "dot"]
 
 
 def _as_2d(out: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -100,7 +100,10 @@ class Similarity(Target):
     """Similarity of the embedding to a reference: why is A matched to B.
 
     ``cosine`` is scale-free; ``neg_l2`` is minus the Euclidean distance, the
-    metric dlib's 0.6 threshold is set on.
+    metric dlib's 0.6 threshold is set on; ``dot`` is the projection onto the unit
+    reference direction. Explaining a face against its *own* embedding needs
+    ``dot``: cosine and distance are at their optimum there, so their gradient is
+    zero and gradient maps would show only numerical noise.
     """
 
     reference: torch.Tensor
@@ -110,8 +113,8 @@ class Similarity(Target):
 
     def __post_init__(self) -> None:
         self.reference = _vec(self.reference)
-        if self.metric not in ("cosine", "neg_l2"):
-            raise ModelError(f"metric must be 'cosine' or 'neg_l2', got {self.metric!r}")
+        if self.metric not in ("cosine", "neg_l2", "dot"):
+            raise ModelError(f"metric must be 'cosine', 'neg_l2' or 'dot', got {self.metric!r}")
 
     def score(self, out: torch.Tensor) -> torch.Tensor:
         ref = self.reference.to(out.dtype).to(out.device)
@@ -119,6 +122,8 @@ class Similarity(Target):
             raise ModelError(f"reference has {ref.numel()} dims, the model outputs {out.shape[1]}")
         if self.metric == "cosine":
             return torch.nn.functional.cosine_similarity(out, ref.unsqueeze(0), dim=1, eps=1e-8)
+        if self.metric == "dot":
+            return out @ (ref / torch.linalg.vector_norm(ref).clamp_min(1e-12))
         return -torch.linalg.vector_norm(out - ref.unsqueeze(0), dim=1)
 
     def describe(self) -> str:

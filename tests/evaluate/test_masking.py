@@ -9,10 +9,12 @@ from tests.evaluate.test_deletion import RedSum
 
 def test_equal_mass_gives_every_map_the_same_total():
     rng = np.random.default_rng(0)
-    for m in (rng.random((20, 20)), np.eye(20), rng.random((20, 20)) ** 8):
+    for m in (rng.random((20, 20)), rng.random((20, 20)) ** 8, np.arange(400.0).reshape(20, 20)):
         e = equal_mass(m, 0.1)
         assert e.min() >= 0 and e.max() <= 1
         assert e.mean() == pytest.approx(0.1, abs=1e-3)
+    # a map whose support is smaller than the mass can only fill its support
+    assert equal_mass(np.eye(20), 0.1).mean() == pytest.approx(20 / 400)
 
 
 def test_average_drop_increase_and_win_by_hand():

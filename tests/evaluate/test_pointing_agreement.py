@@ -42,7 +42,9 @@ def test_agreement_measures():
     assert spearman(a, a) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert topk_iou(a, a, 0.1) == 1.0 and topk_iou(a, -a, 0.1) == 0.0
-    assert spearman(a, a[::2, ::2].repeat(2, 0).repeat(2, 1)) > 0.5  # resampled grids still compare
+    yy, xx = np.mgrid[0:16, 0:16]
+    blob = np.exp(-((yy - 5) ** 2 + (xx - 9) ** 2) / 20.0)
+    assert spearman(blob, blob[::2, ::2]) > 0.9  # an 8×8 CAM compares with a 16×16 map after resampling
     agg = Agreement(k=0.25)
     agg.update([a, a], [a, -a])
     out = agg.compute()

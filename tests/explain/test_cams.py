@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,19 @@ def test_zoo_models_give_finite_maps_at_every_depth(zoo_name: str) -> None:
         saliency = get_method("scorecam")(model, batch_size=64).attribute(x, target)[0]
         assert saliency.shape == (h, w) and torch.isfinite(saliency).all()
     assert _no_hooks(model.net)
+
+
+def test_region_attention_per_depth_on_a_real_face(shared_faces: Path, manifest_rows: list[dict[str, str]]) -> None:
+    # the classic "facial regions × layers" table: one region-attention row per named depth
+    from facelens.explain.api import explain
+    from facelens.explain.explanation import region_attention
+    from facelens.faces.regions import chip_region_masks
+
+    photo = shared_faces / manifest_rows[0]["path"]
+    e = explain("dlib-gender", photo, method="gradcam", all_depths=True)
+    assert set(e.extras["depths"]) == {"early", "mid", "late"}
+    np.testing.assert_array_equal(e.extras["depths"]["late"], e.chip_map)
+    masks = chip_region_masks(e.chip)
+    for depth_map in e.extras["depths"].values():
+        shares = region_attention(depth_map, masks).mass
+        assert 0.5 < sum(shares.values()) <= 1.0 + 1e-6

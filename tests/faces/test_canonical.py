@@ -132,6 +132,10 @@ def test_canonical_points_follow_the_warp(smiling_chip: Chip) -> None:
     face = canonical_face(SIZE)
     on_chip = canonical_to_chip_points(face.landmarks[MESH_LANDMARKS], smiling_chip, SIZE)
     np.testing.assert_allclose(on_chip, chip_landmarks(smiling_chip)[MESH_LANDMARKS], atol=1e-6)
+    # inside a triangle the warp is affine: centroids go to centroids
+    inner = face.triangles[(face.triangles < 60).all(1)]
+    centroids = canonical_to_chip_points(face.landmarks[inner].mean(1), smiling_chip, SIZE)
+    np.testing.assert_allclose(centroids, chip_landmarks(smiling_chip)[inner].mean(1), atol=1e-6)
     with pytest.raises(ModelError, match="inside the canonical frame"):
         canonical_to_chip_points(np.array([[-1000.0, 0.0]]), smiling_chip, SIZE)
 

@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import FaceLensError, ModelError
 from ..explain.engine import DEFAULT_BATCH_SIZE, EMBEDDINGS, PerturbationEngine
 from ..explain.explanation import saliency_mass
 from ..faces.landmarks import JAW, LEFT_BROW, LEFT_EYE, MOUTH, NOSE, NOSE_BRIDGE, NOSE_LOWER, RIGHT_BROW, RIGHT_EYE
@@ -139,6 +139,8 @@ def replace_region(image: np.ndarray, landmarks: np.ndarray, donor: np.ndarray, 
     side). Pixels outside that mask are left exactly as they were, so the mask is the
     ground truth of the change.
     """
+    if region not in GAME_REGIONS:
+        raise ModelError(f"unknown game region {region!r}; known: {', '.join(GAME_REGIONS)}")
     img, don = np.ascontiguousarray(image), np.ascontiguousarray(donor)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or don.dtype != np.uint8 or don.ndim != 3:
         raise ModelError("replace_region needs uint8 RGB images")
@@ -314,16 +316,11 @@ def make_triplets(source: Sequence[Mapping[str, str]] | Sequence[tuple[str | Pat
     for ident, probe_path, mate_path in people:
         try:
             chips[ident] = (_photo_chip(model, probe_path), _photo_chip(model, mate_path))
-        except ModelError as exc:  # NoFaceError and ImageError are facelens errors too
+        except FaceLensError as exc:  # no face, unreadable photo: skip the identity, say why
             failed.append(str(exc))
-        except Exception as exc:
-            if exc.__class__.__module__.startswith("facelens"):
-                failed.append(str(exc))
-            else:
-                raise
     ids = list(chips)
     rng = np.random.default_rng(seed)
-    cands: list[tuple[str, str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    cands: list[tuple[str, str, str, np.ndarray, np.ndarray, np.ndarray]] = []
     for ident in ids:
         probe, mate = chips[ident]
         others = [d for d in ids if d != ident]
@@ -332,7 +329,7 @@ def make_triplets(source: Sequence[Mapping[str, str]] | Sequence[tuple[str | Pat
                 dchip = chips[str(donor)][0]
                 twin, mask = replace_region(probe.image, probe.landmarks, dchip.image, dchip.landmarks, region)
                 mate_twin, _ = replace_region(mate.image, mate.landmarks, dchip.image, dchip.landmarks, region)
-                cands.append((ident, str(donor), region, twin, mask, mate_twin, np.empty(0)))
+                cands.append((ident, str(donor), region, twin, mask, mate_twin))
     if not cands:
         raise ModelError("no candidate could be made: fewer than two identities with detectable faces")
     stack = np.stack([c[3] for c in cands] + [c[5] for c in cands])
@@ -350,7 +347,7 @@ def make_triplets(source: Sequence[Mapping[str, str]] | Sequence[tuple[str | Pat
     rejected: dict[str, int] = {}
     cases: list[dict[str, object]] = []
     for c, e_twin, e_mate_twin in zip(cands, twins, mate_twins, strict=True):
-        ident, donor, region, twin, mask, mate_twin, _ = c
+        ident, donor, region, twin, mask, mate_twin = c
         e_probe, e_mate = own_of[ident]
         d = {"probe_mate": float(_distance(e_probe, e_mate, norm)),
              "probe_twin_gallery": float(_distance(e_probe, e_mate_twin, norm)),
@@ -648,6 +645,9 @@ def plot(result: Mapping[str, Any], title: str | None = None) -> np.ndarray:
         ax_iou.plot(c["percent_mass"], c["iou"], color=f"C{k}", linewidth=2, label=name)
     ax_roc.set_xscale("symlog", linthresh=1.0)
     ax_roc.set_xlim(0, 100)
+    ticks = [0, 1, 2, 5, 10, 20, 50, 100]
+    ax_roc.set_xticks(ticks)
+    ax_roc.set_xticklabels([f"{t}%" for t in ticks])
     ax_roc.set_ylim(-2, 102)
     ax_roc.set_xlabel("saliency false-alarm rate (%)")
     ax_roc.set_ylabel("classified as inpainted non-mate (%)")

@@ -29,7 +29,8 @@ def equal_mass(saliency: np.ndarray, mass: float = 0.1, iterations: int = 40) ->
     """Rescale a map into [0, 1] so its mean is ``mass`` (the same total for every method).
 
     The scale is found by bisection because clipping at 1 would otherwise lose
-    mass for peaky maps.
+    mass for peaky maps. A map whose support covers less than ``mass`` of the
+    image can only reach its support (all ones there).
     """
     m = saliency_mass(saliency)
     if m.max() <= 0:

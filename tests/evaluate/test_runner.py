@@ -1,0 +1,75 @@
+"""`facelens evaluate`: a manifest streams through methods and metrics; bad photos are skipped and counted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+from PIL import Image
+
+from facelens.cli import main
+from facelens.portraits import default_portraits
+
+
+def _manifest(tmp_path):
+    rows = []
+    for p in default_portraits():
+        path = tmp_path / f"{p.name}.png"
+        Image.fromarray(p.image).save(path)
+        rows.append(path)
+    flipped = tmp_path / "hopper_flipped.png"
+    Image.fromarray(default_portraits()[1].image[:, ::-1]).save(flipped)
+    rows.append(flipped)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((100, 100, 3), 200, np.uint8)).save(blank)
+    rows += [corrupt, blank]
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "identity"])
+        for r in rows:
+            w.writerow([r.name, r.stem])
+    return manifest
+
+
+def _finite(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_finite(v) for v in obj)
+    return not isinstance(obj, float) or math.isfinite(obj)
+
+
+def test_evaluate_cli_streams_and_reports_bad_photos(tmp_path, capsys):
+    manifest = _manifest(tmp_path)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--manifest", str(manifest), "--model", "dlib-gender", "--methods",
+                 "gradient,occlusion", "--metrics", "deletion,insertion,masked,pointing,agreement",
+                 "--steps", "8", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "evaluation.json").read_text())
+    assert data["rows_in"] == 5 and data["rows_out"] == 3
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in data["skipped"]}
+    assert set(reasons) == {"corrupt.jpg", "blank.png"} and "face" in reasons["blank.png"]
+    m = data["metrics"]
+    for method in ("gradient", "occlusion"):
+        assert m[f"deletion:{method}"]["n"] == 3 and len(m[f"deletion:{method}"]["mean_curve"]) == 9
+        assert m[f"insertion:{method}"]["n"] == 3
+        assert 0 <= m[f"pointing:{method}"]["hit_rate"] <= 1
+    assert set(m["masked"]["methods"]) == {"gradient", "occlusion"}
+    assert m["agreement:gradient vs occlusion"]["n"] == 3
+    assert _finite({k: v for k, v in m.items()})
+    table = list(csv.DictReader(open(out / "evaluation.csv")))
+    assert {"deletion", "insertion", "masked", "pointing", "agreement"} <= {r["metric"] for r in table}
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "3/5 photos evaluated, 2 skipped" in capsys.readouterr().out
+
+
+def test_evaluate_rejects_unknown_metric(tmp_path, capsys):
+    manifest = _manifest(tmp_path)
+    assert main(["evaluate", "--manifest", str(manifest), "--metrics", "nope", "--out", str(tmp_path)]) == 1
+    assert "unknown metric" in capsys.readouterr().err

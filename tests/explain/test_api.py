@@ -1,0 +1,116 @@
+"""Every method on every zoo model, through the one `explain()` call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facelens.cli import main
+from facelens.errors import ModelError
+from facelens.explain.api import explain, explain_methods, get_method, list_methods
+from facelens.faces.regions import REGION_NAMES
+from facelens.models import ZOO, load_model
+from facelens.portraits import default_portraits
+
+# Small budgets: this test is about shapes, finiteness and plumbing, not map quality.
+BUDGET = {"n_samples": 6, "n_steps": 6, "n_masks": 48, "n_segments": 12, "density": 0}
+CHEAP = {"lime": {"n_samples": 40}, "kernelshap": {"n_samples": 40}, "region-lime": {"n_samples": 40},
+         "region-shap": {"n_samples": 40}}
+
+
+@pytest.fixture(scope="module")
+def portrait() -> np.ndarray:
+    return default_portraits()[0].image
+
+
+def _settings(name: str, size: int) -> dict[str, object]:
+    defaults = get_method(name).defaults
+    out = {k: v for k, v in {**BUDGET, "window": size // 3, "stride": size // 3}.items() if k in defaults}
+    out.update({k: v for k, v in CHEAP.get(name, {}).items() if k in defaults})
+    return out
+
+
+ALL_METHODS = [m["name"] for m in list_methods()]
+
+
+def test_registry_has_the_whole_toolbox():
+    expected = {"gradient", "gradient-x-input", "smoothgrad", "integrated-gradients", "guided-backprop", "deeplift",
+                "lrp", "ebp", "contrastive-ebp", "cam", "gradcam", "gradcam++", "scorecam", "occlusion", "rise",
+                "lime", "kernelshap", "region-occlusion", "region-lime", "region-shap", "dise"}
+    assert expected <= set(ALL_METHODS)
+    libraries = {m["name"]: m["library"] for m in list_methods()}
+    assert libraries["gradcam"] == "pytorch-grad-cam" and libraries["lrp"] == "zennit"
+    assert libraries["integrated-gradients"] == "captum"
+
+
+@pytest.mark.parametrize("model_name", list(ZOO))
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_on_every_zoo_model(model_name, method, portrait):
+    model = load_model(model_name)
+    if method == "cam":
+        try:
+            e = explain(model, portrait, method, batch_size=32, **_settings(method, model.input_size[0]))
+        except ModelError as exc:  # CAM needs global average pooling right after the layer
+            assert "pool" in str(exc).lower()
+            return
+    else:
+        e = explain(model, portrait, method, batch_size=32, **_settings(method, model.input_size[0]))
+    assert e.chip_map.shape == model.input_size
+    assert np.isfinite(e.chip_map).all()
+    assert e.photo_map.shape == portrait.shape[:2]
+    assert np.isfinite(e.photo_map).all()
+    assert e.seconds > 0 and e.settings["seed"] == 0 and np.isfinite(e.score)
+    assert e.method == method and e.model == model_name
+
+
+def test_defaults_top_class_and_self_similarity(portrait):
+    g = load_model("dlib-gender")
+    e = explain(g, portrait, "gradient")
+    top = next(iter(g.predict(portrait)))
+    assert top in e.target
+    r = explain("dlib-resnet", portrait, "gradient")
+    assert "own unperturbed embedding" in r.target
+    own = load_model("dlib-resnet").embed(portrait)
+    assert r.score == pytest.approx(float(np.linalg.norm(own)), rel=1e-4)  # projection onto itself
+    assert np.abs(r.chip_map).max() > 1e-4  # a real gradient, not the zero of cosine at its maximum
+
+
+def test_reference_photo_explains_the_match():
+    a, b = default_portraits()
+    e = explain("dlib-resnet", a.image, "gradcam", reference=b.image)
+    assert "reference photo" in e.target and e.score < 0.95  # two different people
+    with pytest.raises(ModelError, match="unknown setting"):
+        explain("dlib-resnet", a.image, "gradcam", n_stepz=3)
+    with pytest.raises(ModelError, match="unknown method"):
+        explain("dlib-resnet", a.image, "nope")
+
+
+def test_region_attention_shares_add_up(portrait):
+    exps = explain_methods("dlib-resnet", portrait, ["gradcam", "gradient"])
+    for e in exps:
+        ra = e.region_attention()
+        assert set(ra.mass) == set(REGION_NAMES)
+        assert sum(ra.mass.values()) == pytest.approx(1.0, abs=1e-6)
+        assert sum(ra.area.values()) == pytest.approx(1.0, abs=1e-6)
+        assert all(v >= 0 for v in ra.density.values())
+
+
+def test_cli_explain_writes_maps_grid_and_json(tmp_path):
+    a = default_portraits()[0]
+    photo = tmp_path / "astronaut.png"
+    from PIL import Image
+
+    Image.fromarray(a.image).save(photo)
+    out = tmp_path / "out"
+    assert main(["explain", str(photo), "--model", "dlib-gender", "--method", "gradcam,occlusion", "--out",
+                 str(out)]) == 0
+    data = json.loads((out / "explanations.json").read_text())
+    assert [r["method"] for r in data["explanations"]] == ["gradcam", "occlusion"]
+    for r in data["explanations"]:
+        assert all(Path(f).is_file() for f in r["files"].values())
+        assert np.load(r["files"]["chip_npy"]).shape == (32, 32)
+    assert (out / "methods_grid.png").stat().st_size > 1000
+    assert main(["explain", str(photo), "--method", "nope", "--out", str(out)]) == 1
