@@ -63,7 +63,7 @@ def test_evaluate_cli_streams_and_reports_bad_photos(tmp_path, capsys):
     assert set(m["masked"]["methods"]) == {"gradient", "occlusion"}
     assert m["agreement:gradient vs occlusion"]["n"] == 3
     assert _finite({k: v for k, v in m.items()})
-    table = list(csv.DictReader(open(out / "evaluation.csv")))
+    table = list(csv.DictReader((out / "evaluation.csv").read_text().splitlines()))
     assert {"deletion", "insertion", "masked", "pointing", "agreement"} <= {r["metric"] for r in table}
     assert (out / "curves.png").stat().st_size > 1000
     assert "3/5 photos evaluated, 2 skipped" in capsys.readouterr().out
@@ -73,3 +73,22 @@ def test_evaluate_rejects_unknown_metric(tmp_path, capsys):
     manifest = _manifest(tmp_path)
     assert main(["evaluate", "--manifest", str(manifest), "--metrics", "nope", "--out", str(tmp_path)]) == 1
     assert "unknown metric" in capsys.readouterr().err
+
+
+def test_evaluate_sanity_inpainting_and_annotated_pupils(shared_faces):
+    from facelens.datasets import read_manifest
+    from facelens.evaluate.runner import evaluate
+
+    london = read_manifest(shared_faces / "manifest.csv", datasets=["frl_london"])
+    ids = sorted({r.identity for r in london})[:5]
+    rows = [r for r in london if r.identity in ids]
+    result = evaluate(rows, "dlib-resnet", ["gradient"], ["pointing", "sanity", "inpainting"], photo_batch=5)
+    m = result.metrics
+    assert result.rows_out == len(rows) == 10
+    # only the neutral photos carry .tem annotations: pupils are points 0 and 1
+    assert m["pointing_pupils:gradient"]["n"] == 5
+    assert m["sanity:gradient"]["verdict"] in ("pass", "fail") and m["sanity:gradient"]["n_images"] == 4
+    game = m["inpainting"]
+    assert game["game_set"]["candidates"] == 5 * 4  # one donor per probe and region
+    assert 0 <= game["game_set"]["kept"] <= game["game_set"]["candidates"]
+    assert _finite(game)

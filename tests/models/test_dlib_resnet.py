@@ -23,16 +23,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from facelens.errors import ModelError, WeightsError
 from facelens.models.dlib_dat import Conv, read_network
-from facelens.models.dlib_resnet import (
-    WEIGHTS_KEY,
-    Affine,
-    DlibResNet,
-    PadAdd,
-    _fill,
-    build,
-    load_dlib_resnet,
-)
-from facelens.models.layers import Add
+from facelens.models.dlib_resnet import WEIGHTS_KEY, DlibResNet, _fill, build, load_dlib_resnet
+from facelens.models.layers import Add, Affine, PadAdd
 from facelens.weights import weight_path
 
 PARITY_ATOL = 1e-4

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets import ManifestRow, read_manifest
+from ..datasets import ManifestRow, read_manifest, read_tem
 from ..errors import FaceLensError, ModelError
 from ..explain.api import get_method, resolve_target
+from ..explain.render import figure_to_rgb, new_figure
 from ..faces.align import Chip
 from ..faces.regions import chip_region_masks, regions_union
 from ..image import load_image
@@ -29,12 +30,15 @@ from ..outputs import atomic_write_text, save_png, write_json
 from ..targets import ClassScore, Target
 from .agreement import Agreement
 from .deletion import DeletionInsertion
+from .inpainting import InpaintingGame, explain_triplets, make_triplets
 from .masking import MaskedConfidence
-from .pointing import PointingGame, RegionHit
+from .pointing import PointingGame, RegionHit, points_mask
+from .sanity import ModelRandomization
 
 __all__ = ["METRICS", "EvaluationResult", "evaluate"]
 
-METRICS = ("deletion", "insertion", "masked", "pointing", "agreement")
+METRICS = ("deletion", "insertion", "masked", "pointing", "agreement", "sanity", "inpainting")
+SANITY_PHOTOS = 4  # a randomization sweep costs one map per layer: run it on the first few photos
 
 
 @dataclass
@@ -130,6 +134,14 @@ def evaluate(
             state[f"region_hit:{m}"] = RegionHit()
     if "masked" in metrics:
         state["masked"] = MaskedConfidence(fm.net, batch_size=batch_size)
+    if "pointing" in metrics:
+        for m in methods:  # Face Research Lab photos: annotated pupils (points 0 and 1 of the .tem)
+            state[f"pointing_pupils:{m}"] = PointingGame()
+    if "sanity" in metrics:
+        for m in methods:
+            state[f"sanity:{m}"] = ModelRandomization(fm, m, mode="cascading", seed=seed, batch_size=batch_size,
+                                                      settings=settings.get(m, {}))
+    sanity_left = SANITY_PHOTOS
     pairs = list(itertools.combinations(methods, 2)) if "agreement" in metrics else []
     for a, b in pairs:
         state[f"agreement:{a} vs {b}"] = Agreement()
@@ -153,18 +165,59 @@ def evaluate(
             for m in methods:
                 state[f"pointing:{m}"].update(maps[m].numpy(), regions)
                 state[f"region_hit:{m}"].update(maps[m].numpy(), regions)
+            pupils = [(i, _pupils_on_chip(r, c)) for i, (r, c) in enumerate(batch)]
+            pupils = [(i, p) for i, p in pupils if p is not None]
+            for m in methods:
+                if pupils:
+                    state[f"pointing_pupils:{m}"].update([maps[m][i].numpy() for i, _ in pupils],
+                                                         [p for _, p in pupils])
+        if "sanity" in metrics and sanity_left > 0:
+            k = min(sanity_left, len(chips))
+            for m in methods:
+                state[f"sanity:{m}"].update(x[:k], targets[:k], chips=chips[:k])
+            sanity_left -= k
         if "masked" in state:
             state["masked"].update(x, {m: maps[m].numpy() for m in methods}, [_probability_target(t) for t in targets])
         for a, b in pairs:
             state[f"agreement:{a} vs {b}"].update(maps[a].numpy(), maps[b].numpy())
         done += len(batch)
+    results = {k: v.compute() for k, v in state.items()}
+    if "inpainting" in metrics:
+        results["inpainting"] = _inpainting(fm, rows, methods, batch_size, seed, settings)
     return EvaluationResult(
-        model=fm.name, methods=list(methods), metrics={k: v.compute() for k, v in state.items()},
+        model=fm.name, methods=list(methods), metrics=results,
         rows_in=len(rows), rows_out=done, skipped=skipped, seconds=time.perf_counter() - t0,
         settings={"baseline": baseline, "steps": steps, "pointing_region": pointing_region,
                   "batch_size": batch_size, "seed": seed, "method_settings": settings,
                   "target": "top class (classifier) / similarity to own embedding (recognizer)"},
     )
+
+
+def _pupils_on_chip(row: ManifestRow, chip: Chip) -> np.ndarray | None:
+    """Discs around the annotated pupils (FRL ``.tem`` points 0 and 1) on the chip, if annotated."""
+    if row.landmarks_path is None or not Path(row.landmarks_path).is_file():
+        return None
+    pts = chip.points_to_chip(read_tem(row.landmarks_path)[:2])
+    radius = max(2.0, 0.04 * chip.image.shape[0])
+    mask = points_mask(chip.image.shape[:2], pts, radius)
+    return mask if mask.any() else None
+
+
+def _inpainting(model: FaceModel, rows: Sequence[ManifestRow], methods: Sequence[str], batch_size: int, seed: int,
+                settings: dict[str, dict[str, object]]) -> dict[str, Any]:
+    """The inpainting game on the manifest's identities that have a neutral and a smiling photo."""
+    if model.task != "embedding":
+        return {"skipped": f"the inpainting game needs a face matcher; {model.name} is a classifier"}
+    source = [{"path": str(r.path), "identity": r.identity or "", "subset": r.subset or ""} for r in rows]
+    game_set = make_triplets(source, model, root="/", threshold="genuine", seed=seed, batch_size=batch_size)
+    if not game_set.triplets:
+        return {"skipped": "no kept cases: the game needs identities with a neutral and a smiling photo "
+                           "(e.g. FRL London) that the network separates", "game_set": game_set.summary()}
+    game = InpaintingGame(model, normalize=game_set.normalize)
+    maps = {m: explain_triplets(model, game_set.triplets, m, normalize=game_set.normalize, batch_size=batch_size,
+                                seed=seed, **settings.get(m, {})) for m in methods}
+    game.update(game_set.triplets, maps)
+    return {"game_set": game_set.summary(), **game.compute()}
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str, Path]:
@@ -188,12 +241,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path) -> dict[str,
 
 
 def _plot_curves(curves: dict[str, list[float]], model: str) -> np.ndarray:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.6))
     for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
         for key, c in curves.items():
             if key.startswith(kind + ":"):
@@ -203,8 +251,4 @@ def _plot_curves(curves: dict[str, list[float]], model: str) -> np.ndarray:
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} area is better)", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(model, fontsize=10)
-    fig.tight_layout()
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return rgb
+    return figure_to_rgb(fig)

@@ -14,7 +14,28 @@ import numpy as np
 if TYPE_CHECKING:
     from .explanation import Explanation
 
-__all__ = ["figure_grid", "normalize_map", "overlay"]
+__all__ = ["figure_grid", "figure_to_rgb", "new_figure", "normalize_map", "overlay"]
+
+
+def new_figure(*args: object, **kwargs: object) -> tuple[object, object]:
+    """``plt.subplots`` on the headless Agg backend (no window, safe on servers and in threads)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def figure_to_rgb(fig: object) -> np.ndarray:
+    """Render a figure to an RGB uint8 array and close it (figures are saved with `save_png`)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.canvas.draw()  # type: ignore[attr-defined]
+    rgb = np.ascontiguousarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    return rgb
 
 
 def normalize_map(saliency: np.ndarray, signed: bool = False, percentile: float = 99.5) -> np.ndarray:
@@ -55,15 +76,10 @@ def overlay(image: np.ndarray, saliency: np.ndarray, *, signed: bool = False, al
 def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title: str | None = None,
                 captions: bool = True) -> np.ndarray:
     """A side-by-side grid of methods (with colorbars) as an RGB array, ready to save as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     n = len(explanations)
     cols = min(n, 4) + 1
     rows = -(-n // (cols - 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     first = explanations[0]
     image = first.chip.image if on == "chip" else first.photo
     for r in range(rows):
@@ -88,8 +104,4 @@ def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title:
         axes[j // (cols - 1), 1 + j % (cols - 1)].axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return rgb
+    return figure_to_rgb(fig)

@@ -39,8 +39,7 @@ from ..errors import ModelError
 from ..faces.align import AlignRecipe
 from ..weights import weight_path
 from .base import FaceModel
-from .dlib_resnet import Affine, PadAdd
-from .layers import Add, Normalize
+from .layers import Add, Affine, Normalize, PadAdd
 
 __all__ = [
     "AGE_CLASS_NAMES",

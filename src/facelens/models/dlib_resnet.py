@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError, WeightsError
+from ..errors import WeightsError
 from ..faces.align import AlignRecipe
 from ..weights import weight_path
 from .base import FaceModel
@@ -43,7 +42,7 @@ from .dlib_dat import (
     read_network,
 )
 from .dlib_dat import Affine as AffineRecord
-from .layers import Add, Normalize
+from .layers import Add, Affine, Normalize, PadAdd
 
 __all__ = ["WEIGHTS_KEY", "Affine", "DlibResNet", "PadAdd", "ResidualBlock", "build", "load_dlib_resnet"]
 
@@ -53,46 +52,6 @@ INPUT_SIZE = 150
 STAGES: tuple[tuple[int, int, bool], ...] = (
     (32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True),
 )
-
-
-class Affine(nn.BatchNorm2d):
-    """dlib's ``affine_`` layer, a batch norm frozen into ``gamma·x + beta`` per channel.
-
-    It is a ``BatchNorm2d`` with running mean 0, variance 1 and eps 0, so generic
-    conv-BN folding (zennit canonizers, ``torch.fx`` fusion) recognizes and merges it
-    exactly, but it always uses the stored statistics: ``train()`` cannot turn it into
-    a batch-statistics layer dlib never had.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, eps=0.0, momentum=0.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
-
-
-class PadAdd(Add):
-    """A residual sum that zero-pads the smaller input at its end, as dlib's ``add_prev`` does.
-
-    PyTorch would refuse to broadcast 3×3 against 4×4 (or 128 against 256 channels);
-    dlib instead sizes the output to the larger extent in every dimension and treats
-    missing entries as zero, keeping the origin at the top-left.
-    """
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if a.shape == b.shape:
-            return a + b
-        if a.dim() != 4 or b.dim() != 4 or a.shape[0] != b.shape[0]:
-            raise ModelError(f"PadAdd needs two N×C×H×W tensors of one batch, "
-                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
-        channels, rows, cols = (max(sa, sb) for sa, sb in zip(a.shape[1:], b.shape[1:], strict=True))
-        return self._pad_to(a, channels, rows, cols) + self._pad_to(b, channels, rows, cols)
-
-    @staticmethod
-    def _pad_to(x: torch.Tensor, channels: int, rows: int, cols: int) -> torch.Tensor:
-        pads = (0, cols - x.shape[3], 0, rows - x.shape[2], 0, channels - x.shape[1])
-        return F.pad(x, pads) if any(pads) else x
 
 
 class ResidualBlock(nn.Module):
