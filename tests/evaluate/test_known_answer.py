@@ -5,7 +5,7 @@ import torch
 
 from facelens.evaluate.deletion import DeletionInsertion
 from facelens.evaluate.masking import MaskedConfidence
-from facelens.targets import ClassScore, Similarity
+from facelens.targets import Similarity
 from tests.fixtures.synthetic import region_only_model
 
 
@@ -13,11 +13,11 @@ def test_oracle_beats_random_beats_inverted():
     size = 48
     mask = np.zeros((size, size), bool)
     mask[20:34, 12:36] = True
-    model = region_only_model(mask, "classification")
+    # a matcher's similarity to its own embedding is positive evidence that only the region carries
+    matcher = region_only_model(mask, "embedding")
     torch.manual_seed(0)
     x = torch.rand(6, 3, size, size)
-    logits = model.net(x).detach()
-    targets = [ClassScore(int(i)) for i in logits.argmax(1)]
+    own = [Similarity(e, "dot") for e in matcher.net(x).detach()]
     ramp = torch.linspace(0, 1, size * size).view(size, size)
     oracle = torch.as_tensor(mask, dtype=torch.float32) + 0.01 * ramp
     rng = torch.Generator().manual_seed(1)
@@ -25,13 +25,13 @@ def test_oracle_beats_random_beats_inverted():
             "inverted": (1 - oracle).expand(6, size, size)}
     auc = {}
     for name, m in maps.items():
-        metric = DeletionInsertion(model.net, mode="deletion", baseline="zero", steps=12)
-        metric.update(x, m, targets)
+        metric = DeletionInsertion(matcher.net, mode="deletion", baseline="blur", steps=12)
+        metric.update(x, m, own)
         auc[name] = metric.compute()["auc_normalized_mean"]
     assert auc["oracle"] < auc["random"] < auc["inverted"], auc
-    # masking compares relative drops of a positive score: a matcher's similarity to its own embedding
-    matcher = region_only_model(mask, "embedding")
-    own = [Similarity(e) for e in matcher.net(x).detach()]
+    # masking blacks pixels out (x · (1 − map)): use a net for which black carries no evidence
+    matcher = region_only_model(mask, "embedding", mean=0.0)
+    own = [Similarity(e, "dot") for e in matcher.net(x).detach()]
     masked = MaskedConfidence(matcher.net, mass=float(mask.mean()))
     masked.update(x, {k: v.numpy() for k, v in maps.items()}, own)
     drops = {k: v["average_drop_pct"] for k, v in masked.compute()["methods"].items()}
