@@ -114,3 +114,14 @@ def test_cli_explain_writes_maps_grid_and_json(tmp_path):
         assert np.load(r["files"]["chip_npy"]).shape == (32, 32)
     assert (out / "methods_grid.png").stat().st_size > 1000
     assert main(["explain", str(photo), "--method", "nope", "--out", str(out)]) == 1
+
+
+def test_region_attention_at_three_depths(portrait):
+    e = explain("dlib-resnet", portrait, "gradcam", all_depths=True)
+    by_depth = e.depth_attention()
+    assert set(by_depth) == {"early", "mid", "late"}
+    for att in by_depth.values():
+        assert sum(att.mass.values()) == pytest.approx(1.0, abs=1e-6)
+    assert "region_attention_by_depth" in e.summary()
+    with pytest.raises(ModelError, match="all_depths"):
+        explain("dlib-resnet", portrait, "gradient").depth_attention()

@@ -104,6 +104,20 @@ class Explanation:
             raise ModelError(f"{self.model} explains whole images; region attention needs a detected face")
         return region_attention(self.chip_map, chip_region_masks(self.chip))
 
+    def depth_attention(self) -> dict[str, RegionAttention]:
+        """Region attention of the maps at the model's early, mid and late layers.
+
+        The classic workshop's "5 zones × 3 layers" analysis, with landmark regions instead of
+        fixed boxes. Needs a CAM explained with ``all_depths=True``.
+        """
+        depths = self.extras.get("depths")
+        if not isinstance(depths, dict) or not depths:
+            raise ModelError(f"{self.method}: no per-depth maps; explain a CAM method with all_depths=True")
+        if self.chip.face is None:
+            raise ModelError(f"{self.model} explains whole images; region attention needs a detected face")
+        masks = chip_region_masks(self.chip)
+        return {d: region_attention(np.asarray(m), masks) for d, m in depths.items()}
+
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {
             "method": self.method, "library": self.library, "model": self.model, "target": self.target,
@@ -112,6 +126,8 @@ class Explanation:
         }
         if self.chip.face is not None:
             out["region_attention"] = self.region_attention().as_dict()
+            if isinstance(self.extras.get("depths"), dict) and self.extras["depths"]:
+                out["region_attention_by_depth"] = {d: a.as_dict() for d, a in self.depth_attention().items()}
         return out
 
     def save(self, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
