@@ -3,6 +3,7 @@
 The data flow is image → faces → model → target → explain → evaluate → studies → report.
 """
 
+from . import explain  # callable: facelens.explain(model, image, method=...)
 from .errors import FaceLensError, ImageError, ModelError, NoFaceError, WeightsError
 from .faces import Face, detect_faces, pick_face
 from .image import load_image
@@ -20,6 +21,7 @@ __all__ = [
     "WeightsError",
     "__version__",
     "detect_faces",
+    "explain",
     "list_models",
     "load_image",
     "load_model",

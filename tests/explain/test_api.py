@@ -125,3 +125,12 @@ def test_region_attention_at_three_depths(portrait):
     assert "region_attention_by_depth" in e.summary()
     with pytest.raises(ModelError, match="all_depths"):
         explain("dlib-resnet", portrait, "gradient").depth_attention()
+
+
+def test_package_is_the_explain_call_and_submodules_still_import(portrait):
+    import facelens
+    import facelens.explain.face as face_module
+
+    e = facelens.explain("dlib-gender", portrait, method="gradient")
+    assert e.method == "gradient" and e.chip_map.shape == (32, 32)
+    assert callable(face_module.pair_maps)
