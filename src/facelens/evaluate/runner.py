@@ -209,7 +209,7 @@ def _inpainting(model: FaceModel, rows: Sequence[ManifestRow], methods: Sequence
     if model.task != "embedding":
         return {"skipped": f"the inpainting game needs a face matcher; {model.name} is a classifier"}
     source = [{"path": str(r.path), "identity": r.identity or "", "subset": r.subset or ""} for r in rows]
-    game_set = make_triplets(source, model, root="/", threshold="genuine", seed=seed, batch_size=batch_size)
+    game_set = make_triplets(source, model, threshold="genuine", seed=seed, batch_size=batch_size)  # absolute paths
     if not game_set.triplets:
         return {"skipped": "no kept cases: the game needs identities with a neutral and a smiling photo "
                            "(e.g. FRL London) that the network separates", "game_set": game_set.summary()}
