@@ -167,8 +167,8 @@ def evaluate(
                 state[f"region_hit:{m}"].update(maps[m].numpy(), regions)
             pupils = [(i, _pupils_on_chip(r, c)) for i, (r, c) in enumerate(batch)]
             pupils = [(i, p) for i, p in pupils if p is not None]
-            for m in methods:
-                if pupils:
+            if pupils:
+                for m in methods:
                     state[f"pointing_pupils:{m}"].update([maps[m][i].numpy() for i, _ in pupils],
                                                          [p for _, p in pupils])
         if "sanity" in metrics and sanity_left > 0:

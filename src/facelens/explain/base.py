@@ -63,7 +63,6 @@ class Method(ABC):
         self.seed = int(seed)
         self.progress = progress
         self.settings: dict[str, object] = {**self.defaults, **settings}
-        self._engines: list[PerturbationEngine] = []
 
     def used_settings(self) -> dict[str, object]:
         """Every setting that shaped the map, for the record."""
@@ -107,15 +106,8 @@ class PerturbationMethod(Method):
     family: ClassVar[str] = "perturbation"
 
     def engine(self, target: Target, desc: str | None = None) -> PerturbationEngine:
-        engine = PerturbationEngine(self.model.net, target, batch_size=self.batch_size,
-                                    progress=self.progress, desc=desc or self.name)
-        self._engines.append(engine)
-        return engine
-
-    @property
-    def evaluations(self) -> int:
-        """Forward passes (images) this method has asked of the network so far."""
-        return sum(e.evaluations for e in self._engines)
+        return PerturbationEngine(self.model.net, target, batch_size=self.batch_size,
+                                  progress=self.progress, desc=desc or self.name)
 
     def generator(self) -> torch.Generator:
         """A seeded generator: the same seed gives the same map."""
