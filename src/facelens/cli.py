@@ -7,14 +7,16 @@ on stderr and exits with status 1, never with a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import FaceLensError
 
-__all__ = ["main"]
+__all__ = ["main", "print_json", "register_command"]
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -31,8 +33,31 @@ def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentP
     return deco
 
 
-def _print_json(obj: object) -> None:
+def register_command(name: str, help_text: str, add_args: Callable[[argparse.ArgumentParser], None],
+                     handler: Handler) -> None:
+    """Register a sub-command from another module (see :mod:`facelens.commands`)."""
+    if name in _COMMANDS:
+        raise ValueError(f"facelens command {name!r} is registered twice")
+    _COMMANDS[name] = (handler, add_args, help_text)
+
+
+def _load_command_modules() -> None:
+    """Import every module of :mod:`facelens.commands`; each registers its sub-commands on import.
+
+    Command modules keep heavy imports (torch, models) inside their handlers, so ``facelens --help``
+    stays fast.
+    """
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+def print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+_print_json = print_json
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -185,7 +210,12 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo")
 
 
+_CORE = frozenset(_COMMANDS)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    if not _COMMANDS.keys() - _CORE:
+        _load_command_modules()
     parser = argparse.ArgumentParser(prog="facelens", description="Explain face CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, add_args, help_text) in _COMMANDS.items():
@@ -206,5 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # ``python -m facelens.cli``: use the package module, where commands register
+    from facelens.cli import main as package_main
+
+    sys.exit(package_main())

@@ -1,0 +1,1 @@
+"""Inside the network: filter visualization, filter statistics, feature inversion and concepts."""
