@@ -288,7 +288,7 @@ def _own_embedding_targets(model: FaceModel, inputs: torch.Tensor) -> list[Targe
     meaning ("what makes this embedding what it is") with a useful gradient. It is
     recomputed under each randomized network, where the old embedding means nothing.
     """
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: these tensors meet autograd inside the targets
         emb = model.net(inputs).detach().flatten(1).clone()
     return [UserTarget(lambda out, _e=e: out.flatten(1) @ _e.to(out.dtype), "dot product with own embedding")
             for e in emb]

@@ -1,0 +1,263 @@
+"""Where the network looks: outputs, saliency maps side by side, region attention by depth, agreement,
+faithfulness and sanity verdicts for one model over the report's photos.
+
+Everything here is computed by the library (``explain``, ``evaluate``); this module only chooses the
+small, fast settings of the default report and arranges the results as numbers and figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import FaceLensError
+from ..evaluate.agreement import spearman, topk_iou
+from ..evaluate.deletion import DeletionInsertion
+from ..evaluate.sanity import ModelRandomization, parameterized_layers
+from ..explain.api import explain, resolve_target
+from ..explain.explanation import Explanation
+from ..explain.render import figure_grid, figure_to_rgb, new_figure
+from ..models.base import FaceModel
+from ..targets import ClassScore
+from . import html as H
+from .inputs import InputPhoto
+
+__all__ = ["DEFAULT_METHODS", "LooksResult", "where_it_looks"]
+
+#: the default report's methods: one CAM, one path-integral gradient, one propagation rule, one perturbation
+DEFAULT_METHODS: tuple[str, ...] = ("gradcam", "integrated-gradients", "lrp", "occlusion")
+#: cheap settings that keep the default report within its time budget
+FAST_SETTINGS: dict[str, dict[str, object]] = {
+    "gradcam": {"all_depths": True},
+    "integrated-gradients": {"n_steps": 16},
+    "smoothgrad": {"n_samples": 8},
+    "rise": {"n_masks": 500},
+    "lime": {"n_samples": 300},
+    "kernelshap": {"n_samples": 300},
+    "region-lime": {"n_samples": 300},
+    "region-shap": {"n_samples": 256},
+    "dise": {"n_masks": 500},
+}
+ATTENTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "eyes": ("left_eye", "right_eye"), "brows": ("left_brow", "right_brow"), "nose": ("nose",),
+    "mouth": ("mouth",), "cheeks": ("left_cheek", "right_cheek"), "forehead": ("forehead",),
+    "chin/jaw": ("chin_jaw",), "outside face": ("hair_background", "neck_clothing"),
+}
+
+
+@dataclass
+class LooksResult:
+    """The section's numbers (``data``), its HTML, and the per-photo errors."""
+
+    model: str
+    data: dict[str, Any] = field(default_factory=dict)
+    html: str = ""
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+
+def _group_shares(mass: dict[str, float]) -> dict[str, float]:
+    return {g: float(sum(mass.get(r, 0.0) for r in names)) for g, names in ATTENTION_GROUPS.items()}
+
+
+def _outputs(model: FaceModel, chip: Any) -> dict[str, Any]:
+    out = model.forward_chips(chip)[0]
+    if model.task == "classification":
+        probs = torch.softmax(torch.from_numpy(out).double(), 0).numpy()
+        order = np.argsort(-probs)[:3]
+        names = model.class_names or []
+        top = [{"class": names[i], "probability": float(probs[i])} for i in order]
+        if model.name == "dlib-age":
+            from ..models.dlib_age_gender import expected_age
+
+            return {"top3": top, "expected_age": float(expected_age(probs))}
+        return {"top3": top}
+    return {"embedding_norm": float(np.linalg.norm(out)), "embedding": out.astype(np.float64)}
+
+
+def _attention_figure(model: str, shares: dict[str, dict[str, float]]) -> np.ndarray:
+    fig, ax = new_figure(figsize=(7.5, 2.8))
+    groups = list(ATTENTION_GROUPS)
+    width = 0.8 / max(len(shares), 1)
+    for i, (method, s) in enumerate(shares.items()):
+        ax.bar(np.arange(len(groups)) + i * width, [100 * s[g] for g in groups], width, label=method)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=8)
+    ax.set_ylabel("% of saliency", fontsize=8)
+    ax.set_title(f"{model}: where the saliency falls (mean over photos)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    return figure_to_rgb(fig)
+
+
+def where_it_looks(model: FaceModel, photos: Sequence[InputPhoto], *, methods: Sequence[str] = DEFAULT_METHODS,
+                   reference: InputPhoto | None = None, sanity: bool = True, faithfulness_steps: int = 20,
+                   seed: int = 0, tick: Callable[[], None] | None = None) -> LooksResult:
+    """Explain every usable photo with every method and measure what the maps are worth."""
+    res = LooksResult(model.name)
+    ref_chip = None
+    if reference is not None and reference.image is not None and model.task == "embedding":
+        ref_chip = model.chip(reference.image)
+    per_photo: list[dict[str, Any]] = []
+    figures: list[str] = []
+    xs: list[torch.Tensor] = []
+    targets: list[Any] = []
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    shares: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    chips = []
+    for photo in photos:
+        if tick:
+            tick()
+        if photo.image is None:
+            continue
+        try:
+            chip = model.chip(photo.image)
+        except FaceLensError as exc:
+            res.errors.append({"photo": photo.name, "reason": str(exc)})
+            continue
+        target = resolve_target(model, chip, None, ref_chip)
+        entry: dict[str, Any] = {"photo": photo.name, "outputs": _outputs(model, chip), "target": target.describe()}
+        exps: list[Explanation] = []
+        for m in methods:
+            e = explain(model, photo.image, m, target, face=chip.face, seed=seed, **FAST_SETTINGS.get(m, {}))
+            exps.append(e)
+            maps[m].append(e.chip_map)
+        entry["methods"] = {}
+        for e in exps:
+            info: dict[str, Any] = {"seconds": e.seconds, "library": e.library}
+            if chip.face is not None:
+                att = e.region_attention()
+                info["region_share"] = _group_shares(att.mass)
+                info["top_regions"] = [r for r, _ in att.top(3)]
+                shares[e.method].append(info["region_share"])
+                if e.extras.get("depths"):
+                    info["region_share_by_depth"] = {d: _group_shares(a.mass) for d, a in e.depth_attention().items()}
+            entry["methods"][e.method] = info
+        if "gradcam" in methods and "occlusion" in methods:
+            g, o = exps[list(methods).index("gradcam")].chip_map, exps[list(methods).index("occlusion")].chip_map
+            entry["gradcam_vs_occlusion"] = {"spearman": spearman(g, o), "top10_iou": topk_iou(g, o, 0.1)}
+        per_photo.append(entry)
+        xs.append(model.to_tensor(chip))
+        targets.append(target)
+        chips.append(chip)
+        figures.append(H.figure(figure_grid(exps, title=f"{model.name} · {photo.name}: {target.describe()}"),
+                                f"{photo.name}, {model.name}: the maps of {len(exps)} methods on the aligned face "
+                                f"the network sees. Warm colours mark the pixels that raised the score "
+                                f"({target.describe()}); blue, in signed maps, those that lowered it."))
+    res.data["photos"] = [{k: v for k, v in p.items() if k != "outputs"} | {"outputs": _public(p["outputs"])}
+                          for p in per_photo]
+    if not per_photo:
+        res.html = H.section(f"Where {model.name} looks", '<p class="bad">No usable face in any input photo.</p>',
+                             level=3)
+        return res
+    if model.task == "embedding" and len(per_photo) > 1:
+        res.data["matches"] = _match_table(model, per_photo)
+    res.data["faithfulness"] = _faithfulness(model, xs, targets, maps, faithfulness_steps)
+    if sanity:
+        res.data["sanity"] = _sanity(model, methods, xs[0], targets[0], chips[0], seed)
+    mean_shares = {m: {g: float(np.mean([s[g] for s in v])) for g in ATTENTION_GROUPS} for m, v in shares.items() if v}
+    res.data["region_share_mean"] = mean_shares
+    res.html = _html(model, res.data, figures, mean_shares)
+    return res
+
+
+def _public(outputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in outputs.items() if k != "embedding"}
+
+
+def _match_table(model: FaceModel, per_photo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(len(per_photo)):
+        for j in range(i + 1, len(per_photo)):
+            a, b = per_photo[i]["outputs"]["embedding"], per_photo[j]["outputs"]["embedding"]
+            d = model.distance(a, b)
+            rows.append({"photo_a": per_photo[i]["photo"], "photo_b": per_photo[j]["photo"], "distance": d,
+                         "threshold": model.match_threshold,
+                         "same_person": bool(model.match_threshold is not None and d < model.match_threshold)})
+    return rows
+
+
+def _faithfulness(model: FaceModel, xs: list[torch.Tensor], targets: list[Any], maps: dict[str, list[np.ndarray]],
+                  steps: int) -> list[dict[str, Any]]:
+    x = torch.cat(xs)
+    # curves normalized by the unperturbed score need positive scores: probabilities, not logits
+    targets = [ClassScore(t.index, "probability", t.name) if isinstance(t, ClassScore) else t for t in targets]
+    rows = []
+    for method, ms in maps.items():
+        row: dict[str, Any] = {"method": method, "n_photos": len(ms)}
+        for mode in ("deletion", "insertion"):
+            metric = DeletionInsertion(model.net, mode=mode, baseline="blur", steps=steps, progress=False)
+            metric.update(x, np.stack(ms).astype(np.float32), targets)
+            c = metric.compute()
+            row[f"{mode}_auc_normalized"] = c["auc_normalized_mean"]
+        rows.append(row)
+    return rows
+
+
+def _sanity(model: FaceModel, methods: Sequence[str], x: torch.Tensor, target: Any, chip: Any,
+            seed: int) -> list[dict[str, Any]]:
+    """Cascading randomization read at its decisive step (every layer random), in one step.
+
+    Re-initialization uses per-layer seeds, so randomizing all layers at once gives exactly the network
+    the full cascade ends with; the report skips the intermediate steps to stay fast.
+    """
+    layers = parameterized_layers(model.net, x)
+    rows = []
+    for m in methods:
+        check = ModelRandomization(model, m, mode="cascading", layers=[layers], seed=seed,
+                                   settings=dict(FAST_SETTINGS.get(m, {})) | {"all_depths": False}
+                                   if m == "gradcam" else dict(FAST_SETTINGS.get(m, {})))
+        check.update(x, None, chips=[chip])
+        s = check.result().summary()
+        rows.append({"method": m, "verdict": s["verdict"], "spearman_abs": s["spearman_abs"],
+                     "threshold": s["threshold"], "n_photos": s["n_images"]})
+    return rows
+
+
+def _html(model: FaceModel, data: dict[str, Any], figures: list[str], mean_shares: dict[str, dict[str, float]]) -> str:
+    parts: list[str] = list(figures)
+    out_rows = []
+    for p in data["photos"]:
+        o = p["outputs"]
+        if "top3" in o:
+            top = ", ".join(f"{t['class']} {t['probability']:.2f}" for t in o["top3"])
+            extra = f"; expected age {o['expected_age']:.1f}" if "expected_age" in o else ""
+            out_rows.append({"photo": p["photo"], "model output (top 3)": top + extra})
+    if out_rows:
+        parts.append(H.table(out_rows, caption="What the classifier answered (softmax probabilities)."))
+    if data.get("matches"):
+        parts.append(H.table(data["matches"], caption="Face matching between the input photos: Euclidean distance "
+                                                     "of the 128-d embeddings; below the threshold means "
+                                                     "'same person' by dlib's published rule."))
+    if mean_shares:
+        parts.append(H.figure(_attention_figure(model.name, mean_shares),
+                              "Share of each method's saliency that falls on each facial region, from the 68 "
+                              "landmarks. Methods that agree on the regions are more believable."))
+    depth_rows = []
+    for p in data["photos"]:
+        by_depth = p["methods"].get("gradcam", {}).get("region_share_by_depth")
+        for depth, s in (by_depth or {}).items():
+            depth_rows.append({"photo": p["photo"], "depth": depth} | {g: round(100 * v, 1) for g, v in s.items()})
+    if depth_rows:
+        parts.append(H.table(depth_rows, caption="Grad-CAM at the early, mid and late layer: % of the map on each "
+                                                 "region. Early layers respond to edges everywhere; late layers "
+                                                 "should concentrate on the parts that decide."))
+    agree = [{"photo": p["photo"], **p["gradcam_vs_occlusion"]} for p in data["photos"] if "gradcam_vs_occlusion" in p]
+    if agree:
+        parts.append(H.table(agree, caption="Does Grad-CAM agree with occlusion (which measures the effect of hiding "
+                                            "each patch directly)? Spearman rank correlation of the maps (1 = same "
+                                            "order) and overlap of their top 10% pixels."))
+    parts.append(H.table(data["faithfulness"], caption=(
+        "Faithfulness: deletion AUC (remove the most salient pixels first, blurring them; lower is better) and "
+        "insertion AUC (add them back; higher is better), each normalized by the unperturbed score.")))
+    if data.get("sanity"):
+        parts.append(H.table(data["sanity"], caption=(
+            "Sanity check (Adebayo et al.): the map of the trained network against the map of the same network "
+            "with every layer re-initialized. A method whose map barely changes (Spearman of |map| at or above "
+            "the threshold) shows the image, not what the network learned: it fails.")))
+    return H.section(f"Where {model.name} looks", parts, anchor=f"looks-{model.name}", level=3,
+                     how="one aligned face per photo; maps on the model's input chip; regions from dlib's "
+                         "68 landmarks; timings are wall-clock on this machine")
+
+

@@ -1,0 +1,123 @@
+"""The report's sections: each calls one part of the library and files its numbers and HTML.
+
+Each function fills a :class:`~facelens.report.builder.SectionResult` in place. Budgets are the small
+defaults that keep ``facelens report`` (no arguments) within 90 s on a 2-core CPU; a manifest makes the
+studies use real identities instead of the portraits' altered copies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..models.base import FaceModel
+from . import html as H
+from .inputs import InputPhoto
+
+if TYPE_CHECKING:
+    from .builder import ReportSettings, SectionResult
+
+__all__ = ["anonymization", "bias", "filters", "looks", "one_shot", "shipping"]
+
+PRIVACY_NOTES = (
+    "Face embeddings are biometric data under GDPR Art. 9: processing them to identify a person needs an "
+    "explicit legal basis (usually explicit consent), a stated purpose and a retention period.",
+    "facelens' gallery (`facelens gallery`) stores embeddings encrypted at rest (key outside the database), "
+    "records consent per enrollment, purges expired rows, forgets a subject without leaving recoverable "
+    "copies in the database file, exports everything held on a person (Art. 15), and keeps an append-only "
+    "audit log.",
+    "An embedding is not anonymous: the anonymization section shows how often masked photos are still "
+    "re-identified. Treat masked photos of faces as personal data unless that rate is near chance.",
+    "Keep explanation outputs with the photo they explain: saliency overlays show the face.",
+)
+
+
+def _recognizer(models: list[FaceModel]) -> FaceModel | None:
+    return next((m for m in models if m.task == "embedding"), None)
+
+
+def looks(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto], reference: InputPhoto | None,
+          s: ReportSettings) -> None:
+    from .looks import DEFAULT_METHODS, where_it_looks
+
+    parts = []
+    methods = s.methods or list(DEFAULT_METHODS)
+    for m in models:
+        res = where_it_looks(m, photos, methods=methods, reference=reference, sanity=s.sanity, seed=s.seed)
+        sec.data[m.name] = res.data
+        parts.append(res.html)
+        for err in res.errors:
+            sec.notes.append(f"{m.name}: {err['photo']} left out: {err['reason']}")
+    sec.data["methods"] = methods
+    sec.html = "\n".join(parts)
+
+
+def filters(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None:
+    from ..internals import filters_report
+
+    parts = []
+    for m in models:
+        res = filters_report(m, seed=s.seed)
+        sec.data[m.name] = res.as_json()
+        parts.append(res.html())
+    sec.html = "\n".join(parts)
+
+
+def _manifest_rows(s: ReportSettings) -> list[Any] | None:
+    if not s.manifest:
+        return None
+    from ..datasets import read_manifest
+
+    return read_manifest(s.manifest)
+
+
+def anonymization(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto], s: ReportSettings) -> None:
+    from ..studies.anonymization import anonymization_audit
+
+    parts = []
+    rows = _manifest_rows(s)
+    for m in models:
+        res = anonymization_audit(rows if rows is not None else photos, m, limit=s.manifest_limit, seed=s.seed)
+        sec.data[m.name] = res.as_json()
+        parts.append(res.html(level=3))
+    sec.html = "\n".join(parts)
+
+
+def one_shot(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto], s: ReportSettings) -> None:
+    from ..studies.recognition import one_shot_study
+
+    rec = _recognizer(models)
+    if rec is None:
+        sec.notes.append("No recognizer among the models: one-shot recognition needs an embedding model.")
+        return
+    rows = _manifest_rows(s)
+    res = one_shot_study(rows if rows is not None else photos, rec, limit=s.manifest_limit, seed=s.seed)
+    sec.data[rec.name] = res.as_json()
+    sec.html = res.html(level=3)
+
+
+def bias(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None:
+    rows = _manifest_rows(s)
+    if rows is None or not any(r.sex or r.age is not None or r.race for r in rows):
+        sec.notes.append("No manifest with sex, age or race labels was given (--manifest), so there is nothing to "
+                         "compare between groups. Run `facelens report --manifest ../shared/faces/manifest.csv`.")
+        sec.data["skipped"] = "no labelled manifest"
+        return
+    from ..studies.bias import bias_audit
+
+    res = bias_audit(rows, limit=s.manifest_limit, seed=s.seed)
+    sec.data = res.as_json()
+    sec.html = res.html(level=3)
+
+
+def shipping(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None:
+    from ..export import shipping_table
+
+    parts = []
+    for m in models:
+        res = shipping_table(m, seed=s.seed)
+        sec.data[m.name] = res.as_json()
+        parts.append(res.html())
+    parts.append(H.section("Privacy notes for biometric data", "<ul>" + "".join(
+        f"<li>{H.escape(n)}</li>" for n in PRIVACY_NOTES) + "</ul>", level=3))
+    sec.data["privacy_notes"] = list(PRIVACY_NOTES)
+    sec.html = "\n".join(parts)
