@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/facelens demo --out out/demo
+	$(BIN)/facelens report --out out/report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -196,20 +196,6 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/evaluate")
 
 
-# -- demo -----------------------------------------------------------------------------------------
-def run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo as demo
-
-    path = demo(Path(args.out))
-    print(path)
-    return 0
-
-
-@command("demo", "embed and classify the embedded public-domain portraits; write a JSON summary")
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="out/demo")
-
-
 _CORE = frozenset(_COMMANDS)
 
 
