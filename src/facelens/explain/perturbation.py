@@ -325,12 +325,20 @@ class Occlusion(PerturbationMethod):
     per-pixel value (no channel reduction). ``window``/``stride`` default to 16/8 px on a
     150 px chip, scaled with the chip side; the values used are recorded. Signed: an
     occluded window can raise the score.
+
+    ``incremental`` (see `facelens.explain.incremental`): ``"exact"`` recomputes only what
+    each window changes and gives the full recompute's map up to float rounding; ``"approx"``
+    also caps the changed regions at ``tau`` of each map's side and drills down from a coarse
+    grid of windows (``drill_factor``, ``drill_fraction``); ``None`` scores every window with
+    full forwards. The default ``"auto"`` is ``"exact"`` when every layer a window reaches is
+    supported, else ``None``. What ran is recorded in ``extras["incremental"]``.
     """
 
     name = "occlusion"
     library = "facelens"
     signed = True
-    defaults: ClassVar[dict[str, object]] = {"window": None, "stride": None, "fill": "zero"}
+    defaults: ClassVar[dict[str, object]] = {"window": None, "stride": None, "fill": "zero", "incremental": "auto",
+                                             "tau": 0.4, "drill_factor": 2, "drill_fraction": 0.25}
 
     def _geometry(self, h: int, w: int) -> tuple[int, int]:
         side = min(h, w)
@@ -346,12 +354,38 @@ class Occlusion(PerturbationMethod):
             used.update(self._resolved)
         return used
 
+    def _incremental_mode(self, x: torch.Tensor) -> str | None:
+        """The incremental mode to run: the setting, with ``"auto"`` resolved for this network."""
+        from .incremental import incremental_net
+
+        setting = self.settings["incremental"]
+        if setting is None or setting is False or setting == "none":
+            return None
+        if setting in ("exact", "approx"):
+            return str(setting)
+        if setting != "auto":
+            raise ModelError(f"occlusion: incremental must be 'auto', 'exact', 'approx' or None; got {setting!r}")
+        inet = incremental_net(self.model.net)
+        return "exact" if inet.traced and not inet.unsupported(tuple(x.shape)) else None
+
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
         h, w = x.shape[-2:]
         window, stride = self._geometry(h, w)
-        self._resolved = {"window": window, "stride": stride}
         rows = occlusion_windows(h, window, stride).to(x.device, x.dtype)
         cols = occlusion_windows(w, window, stride).to(x.device, x.dtype)
+        mode = self._incremental_mode(x)
+        self._resolved = {"window": window, "stride": stride, "incremental": mode}
+        fill = fill_image(x, str(self.settings["fill"]))
+        if mode is not None:
+            from .incremental import incremental_occlusion
+
+            result = incremental_occlusion(
+                self.model.net, x, target, window=window, stride=stride, fill=fill, mode=mode,  # type: ignore[arg-type]
+                batch_size=self.batch_size, tau=float(self.settings["tau"]),  # type: ignore[arg-type]
+                drill_factor=int(self.settings["drill_factor"]),  # type: ignore[call-overload]
+                drill_fraction=float(self.settings["drill_fraction"]))  # type: ignore[arg-type]
+            self.extras = {"incremental": result.record()}
+            return result.map
         n_rows, n_cols = len(rows), len(cols)
         engine = self.engine(target)
         intact = engine.score(x)[0].float()
@@ -361,10 +395,11 @@ class Occlusion(PerturbationMethod):
             covered = rows[idx // n_cols][:, :, None] * cols[idx % n_cols][:, None, :]
             return (1.0 - covered).unsqueeze(1)
 
-        scores = engine.run_masks(x, fill_image(x, str(self.settings["fill"])), n_rows * n_cols, masks)
+        scores = engine.run_masks(x, fill, n_rows * n_cols, masks)
         drops = (intact - scores.to(x.device)).view(n_rows, n_cols).to(x.dtype)
         total = rows.T @ drops @ cols
         coverage = rows.sum(0)[:, None] * cols.sum(0)[None, :]
+        self.extras = {"incremental": {"mode": None, "evaluations": n_rows * n_cols + 1}}
         return total / coverage
 
 

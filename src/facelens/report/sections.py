@@ -54,43 +54,68 @@ def looks(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto],
 def filters(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None:
     from ..internals import filters_report
 
+    rows = _manifest_rows(s)
     parts = []
     for m in models:
-        res = filters_report(m, seed=s.seed)
+        # the report's budget: 6 units per depth, 16 steps; real faces for the statistics when a manifest is given
+        res = filters_report(m, channels=6, steps=16, manifest=rows, faces=24, view_channels=2, k=5, seed=s.seed)
         sec.data[m.name] = res.as_json()
         parts.append(res.html())
     sec.html = "\n".join(parts)
 
 
 def _manifest_rows(s: ReportSettings) -> list[Any] | None:
+    """The manifest's rows, a seeded sample of ``manifest_limit`` that keeps whole identities together."""
     if not s.manifest:
         return None
+    import random
+
     from ..datasets import read_manifest
 
-    return read_manifest(s.manifest)
+    rows = read_manifest(s.manifest)
+    if len(rows) <= s.manifest_limit:
+        return rows
+    by_identity: dict[str, list[Any]] = {}
+    for r in rows:
+        by_identity.setdefault(r.identity or str(r.path), []).append(r)
+    keys = sorted(by_identity)
+    random.Random(s.seed).shuffle(keys)
+    picked: list[Any] = []
+    for k in keys:
+        if len(picked) >= s.manifest_limit:
+            break
+        picked.extend(by_identity[k])
+    return picked
+
+
+def _as_portraits(photos: list[InputPhoto]) -> list[Any]:
+    from ..portraits import Portrait
+
+    return [Portrait(p.name, p.image, p.credit) for p in photos if p.image is not None]
 
 
 def anonymization(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto], s: ReportSettings) -> None:
     from ..studies.anonymization import anonymization_audit
 
-    parts = []
     rows = _manifest_rows(s)
+    parts = []
     for m in models:
-        res = anonymization_audit(rows if rows is not None else photos, m, limit=s.manifest_limit, seed=s.seed)
+        res = anonymization_audit(rows if rows is not None else _as_portraits(photos), m, seed=s.seed)
         sec.data[m.name] = res.as_json()
         parts.append(res.html(level=3))
     sec.html = "\n".join(parts)
 
 
 def one_shot(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto], s: ReportSettings) -> None:
-    from ..studies.recognition import one_shot_study
+    from ..studies.recognition import one_shot_audit
 
     rec = _recognizer(models)
     if rec is None:
         sec.notes.append("No recognizer among the models: one-shot recognition needs an embedding model.")
+        sec.data["skipped"] = "no recognizer"
         return
     rows = _manifest_rows(s)
-    res = one_shot_study(rows if rows is not None else photos, rec, limit=s.manifest_limit, seed=s.seed)
+    res = one_shot_audit(rows if rows is not None else _as_portraits(photos), rec, seed=s.seed)
     sec.data[rec.name] = res.as_json()
     sec.html = res.html(level=3)
 
@@ -102,9 +127,21 @@ def bias(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None
                          "compare between groups. Run `facelens report --manifest ../shared/faces/manifest.csv`.")
         sec.data["skipped"] = "no labelled manifest"
         return
-    from ..studies.bias import bias_audit
+    import argparse
 
-    res = bias_audit(rows, limit=s.manifest_limit, seed=s.seed)
+    from ..commands.audit import _add_args
+    from ..studies.base import STUDIES
+
+    parser = argparse.ArgumentParser(prog="facelens audit")
+    _add_args(parser)  # the study's own CLI defaults, so the report and `facelens audit bias` agree
+    rec = _recognizer(models)
+    argv = ["bias", "--manifest", str(s.manifest), "--seed", str(s.seed)]
+    if rec is not None:
+        argv += ["--model", rec.name]
+    args = parser.parse_args(argv)
+    args.datasets = None
+    args.rows = rows
+    res = STUDIES["bias"].run(args)
     sec.data = res.as_json()
     sec.html = res.html(level=3)
 
