@@ -20,5 +20,5 @@ def test_tutorial_notebook_executes(tmp_path):
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
-    for expected in ("same person:", "deletion AUC", "sanity:", "eye_bar"):
+    for expected in ("same person:", "deletion AUC", "sanity:", "eye_bar", "its response to noise", "ONNX file"):
         assert expected in text, f"the notebook no longer prints {expected!r}"

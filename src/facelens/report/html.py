@@ -29,7 +29,7 @@ h1{font-size:1.7em}h2{font-size:1.35em;border-bottom:1px solid #ccd;padding-bott
 h3{font-size:1.1em}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #dde}
 figcaption{font-size:.92em;color:#444;max-width:60em}
-table.fl{border-collapse:collapse;font-size:.9em;margin:.6em 0}
+table.fl{border-collapse:collapse;font-size:.9em;margin:.6em 0;display:block;overflow-x:auto;max-width:100%}
 table.fl th,table.fl td{border:1px solid #ccd;padding:.25em .55em;text-align:right}
 table.fl th{background:#f1f2f6}table.fl td.t{text-align:left}
 table.fl caption{caption-side:bottom;text-align:left;font-size:.9em;color:#444;padding-top:.3em}
@@ -85,7 +85,11 @@ def _cell(value: Any, digits: int) -> tuple[str, bool]:
         v = float(value)
         if not math.isfinite(v):
             return "n/a", False
-        return (f"{v:.{digits}g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 10 ** -digits) else f"{v:.{digits}f}"), False
+        if abs(v) >= 1e4 or (v != 0 and abs(v) < 10 ** -digits):
+            return f"{v:.{digits}g}", False
+        if v == round(v, 1) and abs(v) >= 1:  # 8.2, 43.0: no padding zeros on short numbers
+            return f"{v:.1f}", False
+        return f"{v:.{digits}f}", False
     if value is None:
         return "—", True
     return str(value), True

@@ -60,7 +60,7 @@ def filters(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> N
         # the report's budget: 6 units per depth, 16 steps; real faces for the statistics when a manifest is given
         res = filters_report(m, channels=6, steps=16, manifest=rows, faces=24, view_channels=2, k=5, seed=s.seed)
         sec.data[m.name] = res.as_json()
-        parts.append(res.html())
+        parts.append(res.html(level=3))
     sec.html = "\n".join(parts)
 
 
@@ -153,7 +153,7 @@ def shipping(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> 
     for m in models:
         res = shipping_table(m, seed=s.seed)
         sec.data[m.name] = res.as_json()
-        parts.append(res.html())
+        parts.append(res.html(level=3))
     parts.append(H.section("Privacy notes for biometric data", "<ul>" + "".join(
         f"<li>{H.escape(n)}</li>" for n in PRIVACY_NOTES) + "</ul>", level=3))
     sec.data["privacy_notes"] = list(PRIVACY_NOTES)
