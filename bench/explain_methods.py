@@ -154,7 +154,9 @@ def run(models: list[str], repeats: int = 2, batch_size: int = 64) -> dict[str, 
                 total, inside = _in_run(model, attribute)
                 in_run = total / inside if inside else None
             rows.append({"method": meth, "family": info["family"], "library": info["library"],
-                         "ms": 1000 * t, "floor_ms": 1000 * floor_t, "ratio": t / floor_t if floor_t else None,
+                         "ms": 1000 * t, "floor_ms": 1000 * floor_t,
+                         # no recorded forward (e.g. incremental occlusion runs its own layers): no floor to compare
+                         "ratio": t / floor_t if calls and floor_t else None,
                          "in_run_ratio": in_run,
                          "forwards": sum(n for n, _ in calls), "backward": any(g for _, g in calls)})
         peers = _peers(model, x, target, maps, repeats, batch_size)
@@ -174,8 +176,9 @@ def print_tables(results: dict[str, object]) -> None:
                 print(f"{r['method']:<22}n/a: {r['error'][:70]}")
                 continue
             in_run = f"{r['in_run_ratio']:>8.2f}" if r["in_run_ratio"] else f"{'-':>8}"
+            ratio = f"{r['ratio']:>7.2f}" if r["ratio"] else f"{'-':>7}"
             print(f"{r['method']:<22}{r['library']:<18}{r['forwards']:>9}{r['ms']:>10.1f}{r['floor_ms']:>10.1f}"
-                  f"{r['ratio']:>7.2f}{in_run}")
+                  f"{ratio}{in_run}")
         print(f"{'peer':<28}{'peer ms':>9}{'ours ms':>9}{'ours faster ×':>15}{'Spearman':>10}")
         for p in res["peers"]:
             print(f"{p['peer']:<28}{1000 * p['seconds']:>9.1f}{1000 * p['ours_seconds']:>9.1f}"

@@ -169,7 +169,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
     result = evaluate(args.manifest, args.model, methods, metrics, datasets=datasets, limit=args.limit,
                       baseline=args.baseline, steps=args.steps, pointing_region=args.pointing_region,
-                      batch_size=args.batch_size, seed=args.seed)
+                      batch_size=args.batch_size, seed=args.seed, executor=args.executor, address=args.address)
     paths = write_evaluation(result, Path(args.out))
     print(f"{result.rows_out}/{result.rows_in} photos evaluated, {len(result.skipped)} skipped, "
           f"{result.seconds:.1f} s")
@@ -193,6 +193,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pointing-region", default="eyes")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where the photos are explained: in this process, or on Ray (see --address)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (ray://host:10001, auto); default: start a local one")
     p.add_argument("--out", default="out/evaluate")
 
 

@@ -73,9 +73,9 @@ def run_batch(fn: BatchFn, batch: list[ManifestRow]) -> list[Any]:
         if len(out) != len(batch):
             raise RuntimeError(f"a batch function returned {len(out)} results for {len(batch)} rows")
         return out
-    except FaceLensError:
-        if len(batch) == 1:
-            raise
+    except FaceLensError as exc:
+        if len(batch) == 1:  # a lone bad row is a failure of that row, not of the whole map
+            return [RowFailure(str(batch[0].path), str(exc))]
     results: list[Any] = []
     for row in batch:
         try:

@@ -8,17 +8,20 @@ output counts rows in and rows out.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..datasets import ManifestRow, read_manifest, read_tem
 from ..errors import FaceLensError, ModelError
+from ..executors import BatchFn, MapResult, RowFailure, map_rows
 from ..explain.api import get_method, resolve_target
 from ..explain.render import figure_to_rgb, new_figure
 from ..faces.align import Chip
@@ -39,6 +42,7 @@ __all__ = ["METRICS", "EvaluationResult", "evaluate"]
 
 METRICS = ("deletion", "insertion", "masked", "pointing", "agreement", "sanity", "inpainting")
 SANITY_PHOTOS = 4  # a randomization sweep costs one map per layer: run it on the first few photos
+RAY_CHUNK = 1024  # photos per Ray job: enough to repay starting the workers, few enough to hold their maps
 
 
 @dataclass
@@ -79,15 +83,46 @@ def _probability_target(t: Target) -> Target:
     return ClassScore(t.index, "probability", t.name) if isinstance(t, ClassScore) else t
 
 
-def _load_batch(model: FaceModel, rows: Sequence[ManifestRow],
-                skipped: list[dict[str, str]]) -> list[tuple[ManifestRow, Chip]]:
-    out = []
+def _explain_batch(model: FaceModel, explainers: dict[str, Any], rows: list[ManifestRow]) -> list[Any]:
+    """The map of `evaluate`: load, align and explain a batch; one record (or RowFailure) per row."""
+    out: list[Any] = []
+    chips: list[Chip] = []
     for row in rows:
         try:
-            out.append((row, model.chip(load_image(row.path))))
+            chips.append(model.chip(load_image(row.path)))
+            out.append(None)
         except FaceLensError as exc:
-            skipped.append({"path": str(row.path), "reason": str(exc)})
-    return out
+            out.append(RowFailure(str(row.path), str(exc)))
+    if not chips:
+        return out
+    x = model.to_tensor(chips)
+    targets = [resolve_target(model, c) for c in chips]
+    maps = {m: e.attribute(x, targets, chips=chips) for m, e in explainers.items()}
+    records = iter([{"chip": c, "target": t, "maps": {m: maps[m][i].clone() for m in maps}}
+                    for i, (c, t) in enumerate(zip(chips, targets, strict=True))])
+    return [next(records) if o is None else o for o in out]
+
+
+def _explain_worker(model: FaceModel | str, methods: Sequence[str], batch_size: int, seed: int,
+                    settings: dict[str, dict[str, object]]) -> BatchFn:
+    """Build the model and explainers once per worker (picklable, for the Ray executor)."""
+    fm = load_model(model) if isinstance(model, str) else model
+    explainers = {m: get_method(m)(fm, batch_size=batch_size, seed=seed, **settings.get(m, {})) for m in methods}
+    return functools.partial(_explain_batch, fm, explainers)
+
+
+def _batches(rows: Sequence[ManifestRow], result: MapResult, size: int) -> Iterator[list[tuple[ManifestRow, Any]]]:
+    """The kept (row, record) pairs grouped as the map batched the rows, so metrics see the same batches."""
+    kept = iter(zip(result.rows, result.records, strict=True))
+    pending = next(kept, None)
+    for start in range(0, len(rows), size):
+        group = []
+        for row in rows[start:start + size]:
+            if pending is not None and pending[0] == row:
+                group.append(pending)
+                pending = next(kept, None)
+        if group:
+            yield group
 
 
 def evaluate(
@@ -105,11 +140,19 @@ def evaluate(
     batch_size: int = 64,
     seed: int = 0,
     method_settings: dict[str, dict[str, object]] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> EvaluationResult:
     """Score methods on the photos of a manifest with the chosen metrics.
 
     For recognizers the target is each face's similarity to its own unperturbed
     embedding; for classifiers, the top class (probabilities for the masking metric).
+
+    Loading, aligning and explaining the photos (the map) runs on ``executor`` ("local" or
+    "ray" at ``address``, see :mod:`facelens.executors`) in batches of ``photo_batch``; the
+    metrics, which keep streaming state, are updated here from those batches, so the result
+    does not depend on the executor. On Ray the manifest goes out in chunks of
+    ``RAY_CHUNK`` photos, whose maps are held until their metrics are updated.
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -147,14 +190,14 @@ def evaluate(
         state[f"agreement:{a} vs {b}"] = Agreement()
     skipped: list[dict[str, str]] = []
     done = 0
-    for start in range(0, len(rows), photo_batch):
-        batch = _load_batch(fm, rows[start:start + photo_batch], skipped)
-        if not batch:
-            continue
-        chips = [c for _, c in batch]
+
+    def update(batch: list[tuple[ManifestRow, dict[str, Any]]]) -> None:
+        """The reduce: feed one explained photo batch to every metric."""
+        nonlocal done, sanity_left
+        chips = [rec["chip"] for _, rec in batch]
         x = fm.to_tensor(chips)
-        targets = [resolve_target(fm, c) for c in chips]
-        maps = {m: e.attribute(x, targets, chips=chips) for m, e in explainers.items()}
+        targets = [rec["target"] for _, rec in batch]
+        maps = {m: torch.stack([rec["maps"][m] for _, rec in batch]) for m in methods}
         labels = [str(r.path) for r, _ in batch]
         for m in methods:
             for kind in ("deletion", "insertion"):
@@ -165,7 +208,7 @@ def evaluate(
             for m in methods:
                 state[f"pointing:{m}"].update(maps[m].numpy(), regions)
                 state[f"region_hit:{m}"].update(maps[m].numpy(), regions)
-            pupils = [(i, _pupils_on_chip(r, c)) for i, (r, c) in enumerate(batch)]
+            pupils = [(i, _pupils_on_chip(r, rec["chip"])) for i, (r, rec) in enumerate(batch)]
             pupils = [(i, p) for i, p in pupils if p is not None]
             if pupils:
                 for m in methods:
@@ -181,6 +224,21 @@ def evaluate(
         for a, b in pairs:
             state[f"agreement:{a} vs {b}"].update(maps[a].numpy(), maps[b].numpy())
         done += len(batch)
+
+    if executor == "local":  # one photo batch at a time, with the explainers built above: memory stays flat
+        chunk = photo_batch
+        make_worker: Callable[[], BatchFn] = lambda: functools.partial(_explain_batch, fm, explainers)  # noqa: E731
+    else:
+        chunk = max(photo_batch, RAY_CHUNK - RAY_CHUNK % photo_batch)
+        make_worker = functools.partial(_explain_worker, model if isinstance(model, str) else fm, list(methods),
+                                        batch_size, seed, settings)
+    for c0 in range(0, len(rows), chunk):
+        part = rows[c0:c0 + chunk]
+        mapped = map_rows(part, make_worker, executor=executor, address=address,  # type: ignore[arg-type]
+                          batch_size=photo_batch)
+        skipped.extend(f.as_dict() for f in mapped.failures)
+        for group in _batches(part, mapped, photo_batch):
+            update(group)
     results = {k: v.compute() for k, v in state.items()}
     if "inpainting" in metrics:
         results["inpainting"] = _inpainting(fm, rows, methods, batch_size, seed, settings)
