@@ -21,30 +21,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 from bench.common import SHARED
-from facelens.datasets import ManifestRow, read_manifest
-from facelens.errors import FaceLensError
-from facelens.executors import BatchFn, MapResult, RowFailure, map_rows
+from facelens.datasets import read_manifest
+from facelens.executors import BatchFn, MapResult, map_rows
 
 
 def embed_worker(model_name: str = "dlib-resnet") -> BatchFn:
-    """Load the model once; embed a batch of photos, a photo without a usable face becomes a RowFailure."""
-    from facelens.image import load_image
-    from facelens.models import load_model
+    """The studies' per-photo step (detect, align, embed), loaded once per worker."""
+    from facelens.studies.features import model_worker
 
-    model = load_model(model_name)
-
-    def fn(rows: list[ManifestRow]) -> list[object]:
-        chips, out = [], []
-        for r in rows:
-            try:
-                chips.append(model.chip(load_image(r.path)))
-                out.append(None)
-            except FaceLensError as exc:
-                out.append(RowFailure(str(r.path), str(exc)))
-        emb = iter(model.forward_chips(chips) if chips else [])
-        return [next(emb) if o is None else o for o in out]
-
-    return fn
+    return model_worker(model_name)()
 
 
 def run(photos: int = 200, rounds: int = 1, batch_size: int = 16) -> dict[str, object]:
@@ -75,7 +60,8 @@ def run(photos: int = 200, rounds: int = 1, batch_size: int = 16) -> dict[str, o
             ray.shutdown()
     ref = results["local"]
     same = all(len(r.records) == len(ref.records) and r.failures == ref.failures
-               and all(np.array_equal(a, b) for a, b in zip(r.records, ref.records, strict=True))
+               and all(np.array_equal(a.outputs["original"], b.outputs["original"])
+                       for a, b in zip(r.records, ref.records, strict=True))
                for r in results.values())
     return {"photos": len(rows), "rounds": rounds, "batch_size": batch_size, "ray_init_s": init_s,
             "seconds": best, "photos_per_s": {k: len(rows) / v for k, v in best.items()},

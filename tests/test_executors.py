@@ -89,23 +89,10 @@ def test_local_rejects_a_worker_that_drops_rows_and_unknown_executors():
 
 # -- Ray ------------------------------------------------------------------------------------------
 def _embed_worker():
-    """Load dlib-resnet once; embed every row, a photo that cannot be used becomes a RowFailure."""
-    from facelens.image import load_image
-    from facelens.models import load_model
+    """The studies' per-photo step (detect, align, embed with dlib-resnet), loaded once per worker."""
+    from facelens.studies.features import model_worker
 
-    model = load_model("dlib-resnet")
-
-    def fn(rows: list[ManifestRow]) -> list[object]:
-        chips, out = [], []
-        for r in rows:
-            try:
-                chips.append(model.chip(load_image(r.path)))
-                out.append(None)
-            except FaceLensError as exc:
-                out.append(RowFailure(str(r.path), str(exc)))
-        emb = iter(model.forward_chips(chips) if chips else [])
-        return [next(emb) if o is None else o for o in out]
-    return fn
+    return model_worker("dlib-resnet")()
 
 
 def _crash_once_worker(flag: str):
@@ -154,7 +141,7 @@ def test_ray_embeddings_identical_to_local_and_bad_photos_reported(ray_cluster, 
     assert [r.path for r in ray.rows] == [r.path for r in local.rows]
     assert len(ray.records) == len(local.records) == len(rows) - 2
     for a, b in zip(ray.records, local.records, strict=True):
-        assert np.array_equal(a, b)
+        assert np.array_equal(a.outputs["original"], b.outputs["original"])
     assert ray.failures == local.failures
     assert [Path(f.path).name for f in ray.failures] == ["corrupt.jpg", "blank.png"]
     assert ray.counts()["rows_in"] == ray.rows_out + len(ray.failures) == len(rows)

@@ -51,17 +51,24 @@ def test_readers_identify_while_a_writer_enrolls(tmp_path: Path, key: str, key_f
     Gallery.create(db, key=key).close()
     stop = tmp_path / "stop"
     readers = [_worker("identify", db, key_file, real_faces["npy"], 3, stop) for _ in range(3)]
-    writer = _worker("enroll", db, key_file, real_faces["npy"], 40, 3)
+    for r in readers:
+        assert r.stdout is not None and r.stdout.readline().strip() == "ready", r.stderr.read() if r.stderr else ""
+    writer = _worker("enroll", db, key_file, real_faces["npy"], 40, 3, 0.02)
     try:
         out, err = writer.communicate(timeout=120)
     finally:
         stop.touch()
     assert writer.returncode == 0, err
     assert out.count("committed") == 40
+    partial_views = set()
     for r in readers:
         out, err = r.communicate(timeout=120)
         assert r.returncode == 0, err
         assert int(out.split()[-1]) >= 1
+        seen = {int(c) for c in out.split("seen ")[1].split()[0].split(",")}
+        partial_views |= {c for c in seen if 0 < c < 40}
+    # the readers really ran while the writer was enrolling: they saw the gallery part-way filled
+    assert partial_views, "no reader saw the gallery during enrollment, so concurrency was not exercised"
     with Gallery.open(db, key=key) as g:
         assert len(g) == 120
         assert g.integrity_check() == "ok"
