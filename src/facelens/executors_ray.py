@@ -111,6 +111,8 @@ def map_rows_ray(rows: Sequence[ManifestRow], make_worker: Callable[[], BatchFn]
              for i in starts]
     if threads is None and "torch" in sys.modules:
         threads = sys.modules["torch"].get_num_threads()
+    # Ray Data logs every operator's metrics dictionary at INFO when a dataset finishes: pages of noise
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.actor_task_retry_on_errors)
     ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
