@@ -45,7 +45,7 @@ REPORT_TARGETS = {"seconds": 90.0, "peak_rss_gib": 2.0}
 def _explain(quick: bool) -> dict[str, object]:
     from bench import explain_methods
 
-    res = explain_methods.run(["fer-emotion"] if quick else ["dlib-resnet", "fer-emotion"], repeats=1 if quick else 2)
+    res = explain_methods.run(["fer-emotion"] if quick else ["dlib-resnet", "fer-emotion"], repeats=1 if quick else 3)
     explain_methods.print_tables(res)
     return res
 

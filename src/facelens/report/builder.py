@@ -159,7 +159,9 @@ def build_report(settings: ReportSettings | None = None, *, progress: bool | Non
 
     sections: list[SectionResult] = []
     stages = _stages(s, models, usable, reference)
-    for key, title, fn in tqdm(stages, desc="report", unit="section", disable=disable, file=sys.stderr):
+    bar = tqdm(stages, desc="report", unit="section", disable=disable, file=sys.stderr)
+    for key, title, fn in bar:
+        bar.set_description(f"report: {title}")  # the stage that is running now
         sections.append(_run(key, title, fn, on_error))
     env = {"facelens": _version(), "python": platform.python_version(), "torch": _torch_version(),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPU"}
