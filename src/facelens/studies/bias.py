@@ -41,6 +41,7 @@ import numpy as np
 
 from ..datasets import ManifestRow, read_manifest
 from ..errors import FaceLensError
+from ..evaluate.bootstrap import percentile_interval, resampled_ratios
 from ..executors import BatchFn, RowFailure, map_rows
 from .base import StudyResult, StudySpec, register_study
 
@@ -138,23 +139,6 @@ def _cluster_totals(v: np.ndarray, w: np.ndarray, c: np.ndarray) -> tuple[np.nda
     return np.bincount(inv, weights=v * w), np.bincount(inv, weights=w)
 
 
-def _boot_ratios(num: np.ndarray, den: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    k = len(num)
-    if k == 0:
-        return np.full(n_boot, np.nan)
-    idx = rng.integers(0, k, size=(n_boot, k))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num[idx].sum(1) / den[idx].sum(1)
-
-
-def _interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
-    s = samples[np.isfinite(samples)]
-    if len(s) == 0:
-        return float("nan"), float("nan")
-    a = (1.0 - ci) / 2
-    return float(np.quantile(s, a)), float(np.quantile(s, 1 - a))
-
-
 def cluster_bootstrap(values: Any, weights: Any = None, clusters: Any = None, *, n_boot: int = 2000,
                       ci: float = 0.95, seed: int = 0) -> Estimate:
     """``Σ values·weights / Σ weights`` with a percentile-bootstrap interval over clusters.
@@ -166,7 +150,7 @@ def cluster_bootstrap(values: Any, weights: Any = None, clusters: Any = None, *,
     v, w, c = _prepare(values, weights, clusters)
     num, den = _cluster_totals(v, w, c)
     value = float(num.sum() / den.sum()) if den.sum() > 0 else float("nan")
-    lo, hi = _interval(_boot_ratios(num, den, n_boot, np.random.default_rng(seed)), ci)
+    lo, hi = percentile_interval(resampled_ratios(num, den, n_boot, np.random.default_rng(seed)), ci)
     return Estimate(value, lo, hi, len(v), len(num), ci, None if weights is None else float(w.sum()))
 
 
@@ -312,8 +296,8 @@ def compare_groups(values: Any, groups: Any, *, weights: Any = None, clusters: A
     for name in names:
         m = g == name
         num, den = _cluster_totals(v[m], w[m], c[m])
-        boots[name] = _boot_ratios(num, den, n_boot, rng)
-        lo, hi = _interval(boots[name], ci)
+        boots[name] = resampled_ratios(num, den, n_boot, rng)
+        lo, hi = percentile_interval(boots[name], ci)
         value = float(num.sum() / den.sum()) if den.sum() > 0 else float("nan")
         estimates.append(GroupEstimate(name, Estimate(value, lo, hi, int(m.sum()), len(num), ci,
                                                       None if weights is None else float(den.sum()))))
@@ -328,7 +312,7 @@ def compare_groups(values: Any, groups: Any, *, weights: Any = None, clusters: A
     dci = 1.0 - (1.0 - ci) / m_adj
     diffs = []
     for ea, eb in pairs:
-        lo, hi = _interval(boots[ea.group] - boots[eb.group], dci)
+        lo, hi = percentile_interval(boots[ea.group] - boots[eb.group], dci)
         a, b = ea.estimate, eb.estimate
         degenerate = bool(np.nanstd(boots[ea.group]) == 0 or np.nanstd(boots[eb.group]) == 0)
         diffs.append(GroupDifference(ea.group, eb.group, Estimate(a.value - b.value, lo, hi, a.n + b.n,
