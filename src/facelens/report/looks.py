@@ -7,7 +7,7 @@ small, fast settings of the default report and arranges the results as numbers a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..evaluate.sanity import ModelRandomization, parameterized_layers
 from ..explain.api import explain, resolve_target
 from ..explain.explanation import Explanation
 from ..explain.render import figure_grid, figure_to_rgb, new_figure
+from ..faces.regions import REGION_GROUPS
 from ..models.base import FaceModel
 from ..targets import ClassScore
 from . import html as H
@@ -42,10 +43,11 @@ FAST_SETTINGS: dict[str, dict[str, object]] = {
     "region-shap": {"n_samples": 256},
     "dise": {"n_masks": 500},
 }
+#: the report's eight bars: the landmark regions, left and right merged (from the shared region groups)
 ATTENTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "eyes": ("left_eye", "right_eye"), "brows": ("left_brow", "right_brow"), "nose": ("nose",),
-    "mouth": ("mouth",), "cheeks": ("left_cheek", "right_cheek"), "forehead": ("forehead",),
-    "chin/jaw": ("chin_jaw",), "outside face": ("hair_background", "neck_clothing"),
+    "eyes": REGION_GROUPS["eyes"], "brows": REGION_GROUPS["brows"], "nose": ("nose",), "mouth": ("mouth",),
+    "cheeks": REGION_GROUPS["cheeks"], "forehead": ("forehead",), "chin/jaw": ("chin_jaw",),
+    "outside face": REGION_GROUPS["outside_face"],
 }
 
 
@@ -93,7 +95,7 @@ def _attention_figure(model: str, shares: dict[str, dict[str, float]]) -> np.nda
 
 def where_it_looks(model: FaceModel, photos: Sequence[InputPhoto], *, methods: Sequence[str] = DEFAULT_METHODS,
                    reference: InputPhoto | None = None, sanity: bool = True, faithfulness_steps: int = 20,
-                   seed: int = 0, tick: Callable[[], None] | None = None) -> LooksResult:
+                   seed: int = 0) -> LooksResult:
     """Explain every usable photo with every method and measure what the maps are worth."""
     res = LooksResult(model.name)
     ref_chip = None
@@ -107,8 +109,6 @@ def where_it_looks(model: FaceModel, photos: Sequence[InputPhoto], *, methods: S
     shares: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     chips = []
     for photo in photos:
-        if tick:
-            tick()
         if photo.image is None:
             continue
         try:
