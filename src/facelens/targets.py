@@ -32,6 +32,7 @@ __all__ = [
     "Target",
     "UserTarget",
     "as_target",
+    "probability_target",
 ]
 
 Metric = Literal["cosine", "neg_l2", "dot"]
@@ -181,6 +182,12 @@ class UserTarget(Target):
 
     def describe(self) -> str:
         return self.label
+
+
+def probability_target(target: Target) -> Target:
+    """A class score as a probability (others unchanged): curves and drops normalized by the unperturbed
+    score need positive scores, which logits are not."""
+    return ClassScore(target.index, "probability", target.name) if isinstance(target, ClassScore) else target
 
 
 def as_target(obj: object) -> Target:

@@ -30,7 +30,7 @@ from ..image import load_image
 from ..models.base import FaceModel
 from ..models.registry import load_model
 from ..outputs import atomic_write_text, save_png, write_json
-from ..targets import ClassScore, Target
+from ..targets import probability_target
 from .agreement import Agreement
 from .deletion import DeletionInsertion
 from .inpainting import InpaintingGame, explain_triplets, make_triplets
@@ -76,11 +76,6 @@ class EvaluationResult:
                         for q, v in vals.items():
                             rows.append({"metric": metric, "method": meth, "quantity": q, "value": v})
         return rows
-
-
-def _probability_target(t: Target) -> Target:
-    """Masking metrics compare relative drops, which need positive scores: use probabilities."""
-    return ClassScore(t.index, "probability", t.name) if isinstance(t, ClassScore) else t
 
 
 def _explain_batch(model: FaceModel, explainers: dict[str, Any], rows: list[ManifestRow]) -> list[Any]:
@@ -220,7 +215,7 @@ def evaluate(
                 state[f"sanity:{m}"].update(x[:k], targets[:k], chips=chips[:k])
             sanity_left -= k
         if "masked" in state:
-            state["masked"].update(x, {m: maps[m].numpy() for m in methods}, [_probability_target(t) for t in targets])
+            state["masked"].update(x, {m: maps[m].numpy() for m in methods}, [probability_target(t) for t in targets])
         for a, b in pairs:
             state[f"agreement:{a} vs {b}"].update(maps[a].numpy(), maps[b].numpy())
         done += len(batch)

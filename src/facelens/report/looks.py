@@ -23,7 +23,7 @@ from ..explain.explanation import Explanation
 from ..explain.render import figure_grid, figure_to_rgb, new_figure
 from ..faces.regions import REGION_GROUPS
 from ..models.base import FaceModel
-from ..targets import ClassScore
+from ..targets import probability_target
 from . import html as H
 from .inputs import InputPhoto
 
@@ -181,8 +181,7 @@ def _match_table(model: FaceModel, per_photo: list[dict[str, Any]]) -> list[dict
 def _faithfulness(model: FaceModel, xs: list[torch.Tensor], targets: list[Any], maps: dict[str, list[np.ndarray]],
                   steps: int) -> list[dict[str, Any]]:
     x = torch.cat(xs)
-    # curves normalized by the unperturbed score need positive scores: probabilities, not logits
-    targets = [ClassScore(t.index, "probability", t.name) if isinstance(t, ClassScore) else t for t in targets]
+    targets = [probability_target(t) for t in targets]
     rows = []
     for method, ms in maps.items():
         row: dict[str, Any] = {"method": method, "n_photos": len(ms)}
