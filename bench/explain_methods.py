@@ -1,9 +1,14 @@
 """Every explanation method against its floor, and the peers' fastest settings beside ours.
 
 For each method the network's batches are recorded while the method runs (a
-forward pre-hook notes each batch size and whether autograd was on). The floor
-replays exactly those batches on ready tensors: a bare forward, plus a backward
-where the method differentiated. ratio = method / floor is the overhead of
+passive forward pre-hook notes the module, the batch size and whether autograd
+was on). The floor replays exactly those batches on ready tensors, on the same
+module: a bare forward, plus a backward where the method differentiated.
+Forward-only scoring runs on the network's inference copy (channels_last, or
+dlib-resnet's folded graph) and input-gradient methods on its channels_last
+copy, so their floor is that copy's forward (and backward); the
+"plain floor" column replays the same batches on the network itself, which is
+what the peers run. ratio = method / floor is the overhead of
 everything that is not the network; method and floor runs alternate and the
 ratio is the median of the per-round ratios. Wall clock still moves by several
 percent on a 2-core machine, so for methods that only run forwards
@@ -11,8 +16,9 @@ the table also gives the in-run ratio: the method's time divided by the time
 its own network forwards took inside the same run (timed by hooks), which the
 noise cannot split. The peers (captum Occlusion and
 IntegratedGradients, pytorch-grad-cam ScoreCAM) run the same work at their
-fastest batch settings; agreement is the Spearman correlation of their map
-with ours.
+fastest batch settings, on the network as the user hands it to them; captum's
+Occlusion is also run on our inference copy, to show how much of the lead is
+the copy. Agreement is the Spearman correlation of their map with ours.
 
     python -m bench.explain_methods [--models dlib-resnet fer-emotion] [--repeats 2]
 """
@@ -26,25 +32,35 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.common import portrait_or_face
+from bench.common import best_of, portrait_or_face
 from facelens.evaluate.agreement import spearman
 from facelens.explain.api import get_method, list_methods, resolve_target
 from facelens.explain.canonize import canonical_copy
 from facelens.models import FaceModel, load_model
+from facelens.models.fuse import inference_net, passive
 
 PERTURBATION = {"occlusion", "rise", "lime", "kernelshap", "scorecam", "region-occlusion", "region-lime",
                 "region-shap", "dise", "canonical-occlusion"}
 
 
-def _record(model: FaceModel, run: Callable[[], object]) -> list[tuple[int, bool]]:
-    calls: list[tuple[int, bool]] = []
+def _nets(model: FaceModel, x: torch.Tensor) -> dict[int, torch.nn.Module]:
+    """Every module a method may run the network as: itself, its canonical copy (hook-based methods)
+    and its inference copies (forward-only scoring; input gradients)."""
+    nets = (model.net, canonical_copy(model.net), inference_net(model.net, x), inference_net(model.net, x, grad=True))
+    return {id(n): n for n in nets}
 
-    def hook(_m: object, args: tuple[torch.Tensor, ...]) -> None:
-        calls.append((int(args[0].shape[0]), torch.is_grad_enabled()))
 
-    # hook-based methods run on the canonical copy of the network, so watch both
-    nets = {id(n): n for n in (model.net, canonical_copy(model.net))}
-    handles = [n.register_forward_pre_hook(hook) for n in nets.values()]
+def _record(model: FaceModel, x: torch.Tensor,
+            run: Callable[[], object]) -> list[tuple[torch.nn.Module, int, bool]]:
+    calls: list[tuple[torch.nn.Module, int, bool]] = []
+    nets = _nets(model, x)
+    handles = []
+    for net in nets.values():
+        def hook(_m: object, args: tuple[torch.Tensor, ...], net: torch.nn.Module = net) -> None:
+            calls.append((net, int(args[0].shape[0]), torch.is_grad_enabled()))
+
+        # passive: counting batches must not stop the engine from using the inference copy
+        handles.append(net.register_forward_pre_hook(passive(hook)))
     try:
         run()
     finally:
@@ -53,34 +69,39 @@ def _record(model: FaceModel, run: Callable[[], object]) -> list[tuple[int, bool
     return calls
 
 
-def _in_run(model: FaceModel, run: Callable[[], object]) -> tuple[float, float]:
+def _in_run(model: FaceModel, x: torch.Tensor, run: Callable[[], object]) -> tuple[float, float]:
     """(total seconds, seconds spent inside the network's forward) for one run of the method."""
     spent = [0.0]
     start: list[float] = []
-    pre = model.net.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
-    post = model.net.register_forward_hook(lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter()
-                                                                        - start.pop()))
+    handles = []
+    for net in _nets(model, x).values():
+        handles.append(net.register_forward_pre_hook(passive(lambda *_: start.append(time.perf_counter()))))
+        handles.append(net.register_forward_hook(passive(
+            lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - start.pop()))))
     try:
         t0 = time.perf_counter()
         run()
         total = time.perf_counter() - t0
     finally:
-        pre.remove()
-        post.remove()
+        for h in handles:
+            h.remove()
     return total, spent[0]
 
 
-def _floor(model: FaceModel, x: torch.Tensor, calls: list[tuple[int, bool]]) -> Callable[[], None]:
-    ready = {n: x.expand(n, -1, -1, -1).clone() for n in {n for n, _ in calls}}
+def _floor(model: FaceModel, x: torch.Tensor, calls: list[tuple[torch.nn.Module, int, bool]],
+           plain: bool = False) -> Callable[[], None]:
+    """Replay the recorded batches bare, on the module each ran on (``plain``: all on the network itself)."""
+    ready = {n: x.expand(n, -1, -1, -1).clone() for n in {n for _, n, _ in calls}}
 
     def run() -> None:
-        for n, grad in calls:
+        for net, n, grad in calls:
+            net = model.net if plain else net
             if grad:  # gradient with respect to the input only, as the methods take it
                 inp = ready[n].clone().requires_grad_(True)
-                torch.autograd.grad(model.net(inp).sum(), inp)
+                torch.autograd.grad(net(inp).sum(), inp)
             else:
                 with torch.inference_mode():
-                    model.net(ready[n])
+                    net(ready[n])
 
     return run
 
@@ -129,6 +150,14 @@ def _peers(model: FaceModel, x: torch.Tensor, target: object, ours: dict[str, np
                                        baselines=0.0, perturbations_per_eval=batch_size), repeats)
     rows.append({"peer": "captum Occlusion", "ours": "occlusion", "seconds": t,
                  "agreement": spearman(ours["occlusion"], m[0].sum(0).detach().numpy())})
+    copy_net = inference_net(model.net, x)
+    if copy_net is not model.net:
+        occ_copy = Occlusion(lambda inp: target(copy_net(inp)))
+        t, m = _best(lambda: occ_copy.attribute(x, sliding_window_shapes=(3, window, window),
+                                                strides=(3, stride, stride), baselines=0.0,
+                                                perturbations_per_eval=batch_size), repeats)
+        rows.append({"peer": "captum Occlusion, our copy", "ours": "occlusion", "seconds": t,
+                     "agreement": spearman(ours["occlusion"], m[0].sum(0).detach().numpy())})
     ig = IntegratedGradients(forward)
     t, m = _best(lambda: ig.attribute(x, baselines=x * 0, n_steps=50, internal_batch_size=batch_size), repeats)
     rows.append({"peer": "captum IntegratedGradients", "ours": "integrated-gradients", "seconds": t,
@@ -163,22 +192,26 @@ def run(models: list[str], repeats: int = 3, batch_size: int = 64) -> dict[str, 
                 return e.attribute(x, target, chips=[chip])
 
             try:
-                calls = _record(model, attribute)
+                calls = _record(model, x, attribute)
             except Exception as exc:  # e.g. CAM without global pooling
                 rows.append({"method": meth, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             t, floor_t, ratio, out = _interleaved(attribute, _floor(model, x, calls), repeats)
             maps[meth] = out[0].numpy()
-            in_run = None
-            if calls and not any(g for _, g in calls):
-                total, inside = _in_run(model, attribute)
+            in_run, plain_t = None, None
+            if calls and not any(g for _, _, g in calls):
+                total, inside = _in_run(model, x, attribute)
                 in_run = total / inside if inside else None
+            if any(net is not model.net for net, _, _ in calls):
+                plain_t = best_of(_floor(model, x, calls, plain=True), repeat=repeats)
             rows.append({"method": meth, "family": info["family"], "library": info["library"],
                          "ms": 1000 * t, "floor_ms": 1000 * floor_t,
                          # no recorded forward (e.g. incremental occlusion runs its own layers): no floor to compare
                          "ratio": ratio if calls and floor_t else None,
                          "in_run_ratio": in_run,
-                         "forwards": sum(n for n, _ in calls), "backward": any(g for _, g in calls)})
+                         # the same batches on the network itself, where the method ran them on a copy
+                         "plain_floor_ms": None if plain_t is None else 1000 * plain_t,
+                         "forwards": sum(n for _, n, _ in calls), "backward": any(g for _, _, g in calls)})
         peers = _peers(model, x, target, maps, repeats, batch_size)
         for p in peers:
             p["ours_seconds"] = next(r["ms"] / 1000 for r in rows if r.get("method") == p["ours"])
@@ -190,15 +223,17 @@ def run(models: list[str], repeats: int = 3, batch_size: int = 64) -> dict[str, 
 def print_tables(results: dict[str, object]) -> None:
     for name, res in results.items():
         print(f"\n{name} ({res['input'][0]}×{res['input'][1]}), one face, batch 64")
-        print(f"{'method':<22}{'library':<18}{'forwards':>9}{'ms':>10}{'floor ms':>10}{'ratio':>7}{'in-run':>8}")
+        print(f"{'method':<22}{'library':<18}{'forwards':>9}{'ms':>10}{'floor ms':>10}{'ratio':>7}{'in-run':>8}"
+              f"{'plain floor ms':>16}")
         for r in res["methods"]:
             if "error" in r:
                 print(f"{r['method']:<22}n/a: {r['error'][:70]}")
                 continue
             in_run = f"{r['in_run_ratio']:>8.2f}" if r["in_run_ratio"] else f"{'-':>8}"
             ratio = f"{r['ratio']:>7.2f}" if r["ratio"] else f"{'-':>7}"
+            plain = f"{r['plain_floor_ms']:>16.1f}" if r.get("plain_floor_ms") else f"{'-':>16}"
             print(f"{r['method']:<22}{r['library']:<18}{r['forwards']:>9}{r['ms']:>10.1f}{r['floor_ms']:>10.1f}"
-                  f"{ratio}{in_run}")
+                  f"{ratio}{in_run}{plain}")
         print(f"{'peer':<28}{'peer ms':>9}{'ours ms':>9}{'ours faster ×':>15}{'Spearman':>10}")
         for p in res["peers"]:
             print(f"{p['peer']:<28}{1000 * p['seconds']:>9.1f}{1000 * p['ours_seconds']:>9.1f}"

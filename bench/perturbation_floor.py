@@ -2,7 +2,8 @@
 
 For every model and method, the network's batches are recorded while the method
 runs; the floor replays exactly those batch sizes on ready tensors (the same
-number of forwards, no mask building, no fitting). The ratio method / floor is
+number of forwards, no mask building, no fitting), on the module the engine
+scores with (the network's inference copy, see facelens.models.fuse). The ratio method / floor is
 the overhead of everything that is not the network; the target is ≤ 1.15.
 Timings are the best of ``--repeats`` interleaved runs. On a shared, busy
 machine wall and CPU times still wander; the last column ("in-run") divides the
@@ -25,6 +26,7 @@ from facelens.errors import FaceLensError
 from facelens.explain.cams import ScoreCam
 from facelens.explain.perturbation import KernelShap, Lime, Occlusion, Rise
 from facelens.models import FaceModel, load_model
+from facelens.models.fuse import inference_net, passive
 from facelens.targets import ClassScore, Similarity, Target
 
 
@@ -50,7 +52,10 @@ def _record_batches(model: FaceModel, run: Callable[[], object]) -> tuple[list[i
     def after(_m: object, _args: object, _out: object) -> None:
         inside[1] += time.perf_counter() - inside[0]
 
-    handles = [model.net.register_forward_pre_hook(before), model.net.register_forward_hook(after)]
+    # passive hooks, on the network and on the inference copy the engine scores with
+    handles = []
+    for net in {id(n): n for n in (model.net, _runner(model))}.values():
+        handles += [net.register_forward_pre_hook(passive(before)), net.register_forward_hook(passive(after))]
     try:
         t0 = time.perf_counter()
         run()
@@ -61,13 +66,19 @@ def _record_batches(model: FaceModel, run: Callable[[], object]) -> tuple[list[i
     return sizes, total, inside[1]
 
 
+def _runner(model: FaceModel) -> torch.nn.Module:
+    """The module the engine scores perturbed batches on (the inference copy, when there is one)."""
+    return inference_net(model.net, torch.zeros(1, 3, *model.input_size))
+
+
 def _floor(model: FaceModel, target: Target, sizes: list[int], x: torch.Tensor) -> Callable[[], None]:
     ready = {n: x.expand(n, -1, -1, -1).clone() + 0.01 * torch.rand(n, *x.shape[1:]) for n in set(sizes)}
+    net = _runner(model)
 
     def run() -> None:
         with torch.inference_mode():
             for n in sizes:
-                target(model.net(ready[n]))
+                target(net(ready[n]))
 
     return run
 

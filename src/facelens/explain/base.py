@@ -90,8 +90,15 @@ class Method(ABC):
         """The map ``(H, W)`` for one input ``(1, 3, H, W)``."""
 
     def forward_scalar(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        """``target(net(x))``: the scalar function that captum-style wrappers differentiate."""
-        return target(self.model.net(x))
+        """``target(net(x))``: the scalar function that captum-style wrappers differentiate.
+
+        It runs on the network's channels_last copy when there is one (same outputs and input
+        gradients, faster convolutions: :func:`facelens.models.fuse.inference_net`); methods that
+        hook layers use ``self.model.net`` itself.
+        """
+        from ..models.fuse import inference_net
+
+        return target(inference_net(self.model.net, x, grad=True)(x))
 
 
 class GradientMethod(Method):

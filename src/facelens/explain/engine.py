@@ -50,11 +50,13 @@ class PerturbationEngine:
         target: the scalar being explained.
         batch_size: the single cost knob: how many perturbed images per forward.
         progress: ``True``/``False``, or ``None`` for a bar only on long runs on a terminal.
+        fast: score on the network's inference copy (:func:`facelens.models.fuse.inference_net`:
+            the same outputs from faster memory layouts and folded layers) when it has one.
     """
 
     def __init__(self, net: nn.Module, target: Target | Sequence[Target], *,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None,
-                 desc: str = "perturbations") -> None:
+                 desc: str = "perturbations", fast: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         self.net = net
@@ -62,7 +64,16 @@ class PerturbationEngine:
         self.batch_size = int(batch_size)
         self.progress = progress
         self.desc = desc
+        self.fast = fast
         self.evaluations = 0
+
+    def runner(self, example: torch.Tensor) -> nn.Module:
+        """The module that scores batches like ``example``: the inference copy, or the network."""
+        if not self.fast:
+            return self.net
+        from ..models.fuse import inference_net
+
+        return inference_net(self.net, example)
 
     def _scores(self, out: torch.Tensor, owners: torch.Tensor | None) -> torch.Tensor:
         """One target for every row, or ``targets[owners[row]]`` when each image has its own."""
@@ -79,7 +90,8 @@ class PerturbationEngine:
     @torch.inference_mode()
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Target scores of ready inputs, in batches of ``batch_size``."""
-        parts = [self._scores(self.net(x[i:i + self.batch_size]), None) for i in range(0, len(x), self.batch_size)]
+        net = self.runner(x[:self.batch_size]) if len(x) else self.net
+        parts = [self._scores(net(x[i:i + self.batch_size]), None) for i in range(0, len(x), self.batch_size)]
         self.evaluations += len(x)
         return torch.cat(parts) if parts else torch.zeros(0)
 
@@ -101,11 +113,14 @@ class PerturbationEngine:
         ``owners(start, stop)`` says which image each perturbed input belongs to.
         """
         out = torch.empty(n)
+        net: nn.Module | None = None
         with self._bar(n) as bar, torch.inference_mode():
             for start in range(0, n, self.batch_size):
                 stop = min(n, start + self.batch_size)
                 x = build(start, stop)
-                out[start:stop] = self._scores(self.net(x), owners(start, stop) if owners else None).float()
+                if net is None:
+                    net = self.runner(x)
+                out[start:stop] = self._scores(net(x), owners(start, stop) if owners else None).float()
                 self.evaluations += stop - start
                 if bar is not None:
                     bar.update(stop - start)  # type: ignore[attr-defined]

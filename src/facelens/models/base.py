@@ -96,32 +96,27 @@ class FaceModel:
                       batch_size: int = 64, fused: bool | None = None) -> np.ndarray:
         """Raw network outputs (logits or embeddings) for aligned chips, in batches.
 
-        ``fused`` runs the optimized inference copy of the network (:meth:`fast_net`) when there is one;
+        ``fused`` runs the network's inference copy (:func:`facelens.models.fuse.inference_net`) when it has one;
         by default it does so for calls of at least ``FUSED_MIN_CHIPS`` chips, a rule that depends only
         on the call, so a job gives the same numbers however it is split across workers.
         """
+        from .fuse import inference_net
+
         x = self.to_tensor(chips)
         use_fast = len(x) >= FUSED_MIN_CHIPS if fused is None else fused
-        fast = self.fast_net() if use_fast else None
-        net = self.net if fast is None else fast
+        net = inference_net(self.net, x[:batch_size]) if use_fast else self.net
         outs = [net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         return torch.cat(outs).numpy() if outs else np.zeros((0,), np.float32)
 
     def fast_net(self) -> nn.Module | None:
-        """The network's optimized inference copy (:mod:`facelens.models.fuse`), or None.
+        """dlib-resnet's fused inference copy (:mod:`facelens.models.fuse`), or None.
 
         None when the network has none, is in training mode, or anything hooks it: a hook on ``net``
         means someone is watching its layers, which the fused copy does not have.
         """
-        from torch.nn.modules import module as torch_module
+        from .fuse import fast_net, watched
 
-        from .fuse import fast_net
-
-        if self.net.training or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return None
-        if any(m._forward_hooks or m._forward_pre_hooks for m in self.net.modules()):
-            return None
-        return fast_net(self.net)
+        return None if watched(self.net) else fast_net(self.net)
 
     def embed(self, image: ImageSource | np.ndarray, face: Face | int | None = None) -> np.ndarray:
         """The embedding of the chosen face (largest by default), aligned with this model's recipe."""
