@@ -16,9 +16,10 @@ the table also gives the in-run ratio: the method's time divided by the time
 its own network forwards took inside the same run (timed by hooks), which the
 noise cannot split. The peers (captum Occlusion and
 IntegratedGradients, pytorch-grad-cam ScoreCAM) run the same work at their
-fastest batch settings, on the network as the user hands it to them; captum's
-Occlusion is also run on our inference copy, to show how much of the lead is
-the copy. Agreement is the Spearman correlation of their map with ours.
+fastest batch settings, on the network as the user hands it to them, each in
+rounds alternating with our method (speed-up = median of the per-round
+ratios); captum's Occlusion is also run on our inference copy, to show how
+much of the lead is the copy. Agreement is the Spearman correlation of their map with ours.
 
     python -m bench.explain_methods [--models dlib-resnet fer-emotion] [--repeats 2]
 """
@@ -106,15 +107,6 @@ def _floor(model: FaceModel, x: torch.Tensor, calls: list[tuple[torch.nn.Module,
     return run
 
 
-def _best(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def _interleaved(method: Callable[[], object], floor: Callable[[], None],
                  repeats: int) -> tuple[float, float, float, object]:
     """(best method s, best floor s, median of per-round method/floor ratios, the method's output).
@@ -135,39 +127,48 @@ def _interleaved(method: Callable[[], object], floor: Callable[[], None],
     return min(ts), min(fs), ratio, out
 
 
-def _peers(model: FaceModel, x: torch.Tensor, target: object, ours: dict[str, np.ndarray], repeats: int,
-           batch_size: int) -> list[dict[str, object]]:
+def _peers(model: FaceModel, x: torch.Tensor, target: object, ours: dict[str, np.ndarray],
+           runs: dict[str, Callable[[], object]], repeats: int, batch_size: int) -> list[dict[str, object]]:
+    """The peers' fastest settings, each timed in rounds alternating with our method (a slow spell of
+    the machine then falls on both): speed-up = median over rounds of peer time / our time."""
     from captum.attr import IntegratedGradients, Occlusion
     from pytorch_grad_cam import ScoreCAM
 
     h = x.shape[-1]
     window = max(4, round(16 * h / 150))
     stride = max(2, round(8 * h / 150))
-    forward = lambda inp: target(model.net(inp))  # noqa: E731 - the scalar captum differentiates
     rows = []
-    occ = Occlusion(forward)
-    t, m = _best(lambda: occ.attribute(x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
-                                       baselines=0.0, perturbations_per_eval=batch_size), repeats)
-    rows.append({"peer": "captum Occlusion", "ours": "occlusion", "seconds": t,
-                 "agreement": spearman(ours["occlusion"], m[0].sum(0).detach().numpy())})
+
+    def versus(peer: str, meth: str, fn: Callable[[], object], peer_map: Callable[[object], np.ndarray],
+               given_our_copy: bool = False) -> None:
+        if meth not in runs:
+            return
+        t, t_ours, ratio, out = _interleaved(fn, runs[meth], repeats)
+        rows.append({"peer": peer, "ours": meth, "seconds": t, "ours_seconds": t_ours, "speedup_vs_peer": ratio,
+                     "agreement": spearman(ours[meth], peer_map(out)), "given_our_copy": given_our_copy})
+
+    def occlusion(net: torch.nn.Module) -> Callable[[], object]:
+        occ = Occlusion(lambda inp: target(net(inp)))
+        return lambda: occ.attribute(x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+                                     baselines=0.0, perturbations_per_eval=batch_size)
+
+    channel_sum = lambda m: m[0].sum(0).detach().numpy()  # noqa: E731
+    versus("captum Occlusion", "occlusion", occlusion(model.net), channel_sum)
     copy_net = inference_net(model.net, x)
     if copy_net is not model.net:
-        occ_copy = Occlusion(lambda inp: target(copy_net(inp)))
-        t, m = _best(lambda: occ_copy.attribute(x, sliding_window_shapes=(3, window, window),
-                                                strides=(3, stride, stride), baselines=0.0,
-                                                perturbations_per_eval=batch_size), repeats)
-        rows.append({"peer": "captum Occlusion, our copy", "ours": "occlusion", "seconds": t,
-                     "agreement": spearman(ours["occlusion"], m[0].sum(0).detach().numpy())})
-    ig = IntegratedGradients(forward)
-    t, m = _best(lambda: ig.attribute(x, baselines=x * 0, n_steps=50, internal_batch_size=batch_size), repeats)
-    rows.append({"peer": "captum IntegratedGradients", "ours": "integrated-gradients", "seconds": t,
-                 "agreement": spearman(ours["integrated-gradients"], m[0].sum(0).detach().numpy())})
-    layer = model.layer("late")
-    with ScoreCAM(model=model.net, target_layers=[layer]) as cam:
-        cam.batch_size = batch_size
-        t, m = _best(lambda: cam(input_tensor=x, targets=[target]), repeats)
-    rows.append({"peer": "pytorch-grad-cam ScoreCAM", "ours": "scorecam", "seconds": t,
-                 "agreement": spearman(ours["scorecam"], np.asarray(m)[0])})
+        versus("captum Occlusion, our copy", "occlusion", occlusion(copy_net), channel_sum, given_our_copy=True)
+    ig = IntegratedGradients(lambda inp: target(model.net(inp)))  # the scalar captum differentiates
+    versus("captum IntegratedGradients", "integrated-gradients",
+           lambda: ig.attribute(x, baselines=x * 0, n_steps=50, internal_batch_size=batch_size), channel_sum)
+
+    def scorecam() -> object:
+        # built per call: a live CAM keeps hooks on the network, which would make our method, timed
+        # between its calls, run on the watched network instead of its inference copy
+        with ScoreCAM(model=model.net, target_layers=[model.layer("late")]) as cam:
+            cam.batch_size = batch_size
+            return cam(input_tensor=x, targets=[target])
+
+    versus("pytorch-grad-cam ScoreCAM", "scorecam", scorecam, lambda m: np.asarray(m)[0])
     return rows
 
 
@@ -179,7 +180,7 @@ def run(models: list[str], repeats: int = 3, batch_size: int = 64) -> dict[str, 
         chip = model.chip(image)
         x = model.to_tensor(chip)
         target = resolve_target(model, chip)
-        rows, maps = [], {}
+        rows, maps, runs = [], {}, {}
         for info in list_methods():
             meth = info["name"]
             try:
@@ -197,7 +198,7 @@ def run(models: list[str], repeats: int = 3, batch_size: int = 64) -> dict[str, 
                 rows.append({"method": meth, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             t, floor_t, ratio, out = _interleaved(attribute, _floor(model, x, calls), repeats)
-            maps[meth] = out[0].numpy()
+            maps[meth], runs[meth] = out[0].numpy(), attribute
             in_run, plain_t = None, None
             if calls and not any(g for _, _, g in calls):
                 total, inside = _in_run(model, x, attribute)
@@ -212,10 +213,7 @@ def run(models: list[str], repeats: int = 3, batch_size: int = 64) -> dict[str, 
                          # the same batches on the network itself, where the method ran them on a copy
                          "plain_floor_ms": None if plain_t is None else 1000 * plain_t,
                          "forwards": sum(n for _, n, _ in calls), "backward": any(g for _, _, g in calls)})
-        peers = _peers(model, x, target, maps, repeats, batch_size)
-        for p in peers:
-            p["ours_seconds"] = next(r["ms"] / 1000 for r in rows if r.get("method") == p["ours"])
-            p["speedup_vs_peer"] = p["seconds"] / p["ours_seconds"]
+        peers = _peers(model, x, target, maps, runs, repeats, batch_size)
         results[name] = {"methods": rows, "peers": peers, "input": list(model.input_size)}
     return results
 

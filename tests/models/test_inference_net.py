@@ -161,3 +161,20 @@ def test_caches_do_not_keep_a_network_alive():
     del net
     gc.collect()
     assert ref() is None
+
+
+def test_dlib_resnet_gradient_copy_is_folded_and_gives_the_same_gradients():
+    from facelens.models.layers import Affine
+
+    model = load_model("dlib-resnet")
+    x = _inputs(model, 2)
+    copy_ = inference_net(model.net, x, grad=True)
+    assert isinstance(copy_, ChannelsLastNet)
+    assert not any(isinstance(m, Affine) for m in copy_.impl.modules())  # folded into the convolutions
+    direction = torch.randn(128, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for net in (copy_, model.net):
+        inp = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((net(inp) @ direction).sum(), inp)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * float(grads[1].abs().max()), rtol=1e-3)

@@ -179,7 +179,7 @@ class ChannelsLastNet(nn.Module):
     """A frozen copy of a network with channels_last weights: NCHW in, the same outputs out.
 
     Gradients flow to the input (the parameters are frozen), so input-gradient methods can run on
-    it as well as forward-only scoring.
+    it as well as forward-only scoring. dlib-resnet's copy also has its affines folded (:func:`fold`).
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -187,7 +187,9 @@ class ChannelsLastNet(nn.Module):
         # built outside inference mode even when first asked for inside it (the engine): inference
         # tensors as weights would refuse a later input-gradient pass
         with torch.inference_mode(False), torch.no_grad():
-            self.impl = copy.deepcopy(net).eval().to(memory_format=torch.channels_last)
+            # dlib-resnet's affines fold into its convolutions exactly (and keep autograd): fewer passes
+            base = fold(net) if type(net) is DlibResNet else copy.deepcopy(net)
+            self.impl = base.eval().to(memory_format=torch.channels_last)
         for p in self.impl.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -206,7 +208,7 @@ def passive(hook: Callable) -> Callable:
 
 
 def _active(hooks: dict) -> bool:
-    return any(not getattr(h, "__facelens_passive__", False) for h in hooks.values())
+    return bool(hooks) and any(not getattr(h, "__facelens_passive__", False) for h in hooks.values())
 
 
 def watched(net: nn.Module) -> bool:
