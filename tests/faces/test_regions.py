@@ -252,3 +252,19 @@ def test_overlay_and_bad_input(london_masks: list) -> None:
         region_masks((0, 10), face.landmarks)
     with pytest.raises(ModelError):
         region_overlay(image[:10], masks)
+
+
+def test_cached_region_masks_are_fresh_and_follow_the_landmarks():
+    from facelens.faces.regions import region_masks
+
+    pts = np.stack([np.linspace(30, 120, 68), np.linspace(40, 130, 68)], 1)
+    pts[36:48] = [[55 + i, 60] for i in range(6)] + [[95 + i, 60] for i in range(6)]  # two eye rows
+    first = region_masks((150, 150), pts)
+    first["nose"][:] = True  # a caller may change what it got ...
+    again = region_masks((150, 150), pts)
+    assert not again["nose"].all()  # ... without changing what the next caller gets
+    assert sum(m.sum() for m in again.values()) == 150 * 150
+    moved = region_masks((150, 150), pts + 10.0)
+    assert not np.array_equal(moved["left_eye"], again["left_eye"])
+    big = region_masks((600, 600), pts * 4)  # photo-sized: computed, not cached, same partition rule
+    assert sum(m.sum() for m in big.values()) == 600 * 600

@@ -265,16 +265,23 @@ def region_masks(shape_hw: tuple[int, int], landmarks68: np.ndarray) -> dict[str
     """All `REGION_NAMES` as boolean masks of ``shape_hw``, mutually exclusive and covering the image."""
     pts = _check_landmarks(landmarks68)
     hw = _check_shape(shape_hw)
-    labels = _region_labels(hw, pts.astype(np.float64).tobytes())
+    labels = _cached_labels(hw, pts.tobytes()) if hw[0] * hw[1] <= _CACHED_PIXELS else _region_labels(hw, pts)
     return {name: labels == i for i, name in enumerate(REGION_NAMES)}
 
 
+_CACHED_PIXELS = 256 * 256  # chips, not photos: 256 cached label maps stay under 64 MiB
+
+
 @functools.lru_cache(maxsize=256)
-def _region_labels(hw: tuple[int, int], points: bytes) -> np.ndarray:
-    """The region index of every pixel (read-only), cached: one chip's regions are asked for by every
-    method and every region-attention table of a report, and rasterizing them took about 2 ms, a
-    fifth of fer-emotion's 13-forward region occlusion."""
-    pts = np.frombuffer(points, np.float64).reshape(68, 2)
+def _cached_labels(hw: tuple[int, int], points: bytes) -> np.ndarray:
+    """`_region_labels` of a chip, cached: one chip's regions are asked for by every method and every
+    region-attention table of a report, and rasterizing them took about 2 ms, a fifth of
+    fer-emotion's 13-forward region occlusion."""
+    return _region_labels(hw, np.frombuffer(points, np.float64).reshape(68, 2))
+
+
+def _region_labels(hw: tuple[int, int], pts: np.ndarray) -> np.ndarray:
+    """The index in `REGION_NAMES` of every pixel (read-only)."""
     frame = _FaceFrame(pts)
     far = 4.0 * (frame.eye_to_chin + frame.iod) + float(np.abs(pts).max()) + float(max(hw))
 
