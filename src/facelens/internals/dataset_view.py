@@ -87,19 +87,20 @@ def _chip_of(model: FaceModel, row: ManifestRow) -> FaceChip:
     return FaceChip(str(row.path), chip.image, np.asarray(chip.matrix, np.float64), tuple(chip.photo_shape))
 
 
+def _chips_or_failures(model: FaceModel, rows: list[ManifestRow]) -> list[FaceChip | RowFailure]:
+    """One entry per row, in order: its chip, or why it has none."""
+    out: list[FaceChip | RowFailure] = []
+    for row in rows:
+        try:
+            out.append(_chip_of(model, row))
+        except FaceLensError as exc:
+            out.append(RowFailure(str(row.path), str(exc)))
+    return out
+
+
 def _chip_worker(model_ref: Any) -> Any:
     model = _model(model_ref)
-
-    def fn(rows: list[ManifestRow]) -> list[FaceChip | RowFailure]:
-        out: list[FaceChip | RowFailure] = []
-        for row in rows:
-            try:
-                out.append(_chip_of(model, row))
-            except FaceLensError as exc:
-                out.append(RowFailure(str(row.path), str(exc)))
-        return out
-
-    return fn
+    return functools.partial(_chips_or_failures, model)
 
 
 def load_chips(model: str | FaceModel, rows: Sequence[ManifestRow], *, executor: str = "local",
@@ -134,12 +135,7 @@ def _scan_worker(model_ref: Any, layer: str) -> Any:
     model = _model(model_ref)
 
     def fn(rows: list[ManifestRow]) -> list[dict[str, Any] | RowFailure]:
-        chips: list[FaceChip | RowFailure] = []
-        for row in rows:
-            try:
-                chips.append(_chip_of(model, row))
-            except FaceLensError as exc:
-                chips.append(RowFailure(str(row.path), str(exc)))
+        chips = _chips_or_failures(model, rows)
         good = [c for c in chips if isinstance(c, FaceChip)]
         peaks = iter(_peaks(model, layer, good))
         return [c if isinstance(c, RowFailure) else next(peaks) for c in chips]
