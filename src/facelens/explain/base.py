@@ -10,7 +10,7 @@ silently ignored option, and the settings actually used are recorded in the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -89,16 +89,24 @@ class Method(ABC):
     def attribute_one(self, x: torch.Tensor, target: Target, chip: Chip | None) -> torch.Tensor:
         """The map ``(H, W)`` for one input ``(1, 3, H, W)``."""
 
-    def forward_scalar(self, x: torch.Tensor, target: Target) -> torch.Tensor:
-        """``target(net(x))``: the scalar function that captum-style wrappers differentiate.
+    def scalar(self, target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x ↦ target(net(x))``: the scalar function that captum-style wrappers differentiate.
 
         It runs on the network's channels_last copy when there is one (same outputs and input
-        gradients, faster convolutions: :func:`facelens.models.fuse.inference_net`); methods that
-        hook layers use ``self.model.net`` itself.
+        gradients, faster convolutions: :func:`facelens.models.fuse.inference_net`), chosen on the
+        first call and kept for the function's life, one attribution; methods that hook layers use
+        ``self.model.net`` itself.
         """
         from ..models.fuse import inference_net
 
-        return target(inference_net(self.model.net, x, grad=True)(x))
+        runner: list[torch.nn.Module] = []
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not runner:
+                runner.append(inference_net(self.model.net, x, grad=True))
+            return target(runner[0](x))
+
+        return forward
 
 
 class GradientMethod(Method):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -121,9 +121,6 @@ class _CaptumGradient(GradientMethod):
 
     def validate(self) -> None:
         """Check setting values (names are checked by `Method`)."""
-
-    def scalar(self, target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda inp: self.forward_scalar(inp, target)
 
 
 @register
