@@ -9,7 +9,8 @@ face's own embedding). Rivals:
 * facelens ``Occlusion`` with ``incremental=None`` (full recompute on the shared engine);
 * facelens incremental ``exact``, ``approx`` at the method's defaults (projective-field
   threshold ``tau`` = 0.4 on maps with a side ≥ 16; drill-down from every 2nd position,
-  refining around the top 25 %) and ``approx-fast`` (every 3rd position, top 10 %).
+  refining around the top 25 %; bfloat16 convolutions where the CPU has them natively),
+  ``approx-fast`` (every 2nd position, top 5 %) and ``approx-coarse`` (every 3rd, top 10 %).
 
 The machine is shared, so the four are timed in interleaved rounds and every ratio is the
 median over rounds of ratios taken within one round. Quality: max |Δ| of the exact map
@@ -49,7 +50,8 @@ from facelens.targets import ClassScore, Similarity, Target
 CAPTUM_PPE = (16, 32, 64, 128)
 APPROX = {  # name: (tau, drill_factor, drill_fraction)
     "approx": (DEFAULT_TAU, DEFAULT_DRILL_FACTOR, DEFAULT_DRILL_FRACTION),
-    "approx-fast": (DEFAULT_TAU, 3, 0.1),
+    "approx-fast": (DEFAULT_TAU, 2, 0.05),
+    "approx-coarse": (DEFAULT_TAU, 3, 0.1),
 }
 
 
@@ -107,7 +109,7 @@ def run_model(name: str, repeats: int = 5, batch_size: int = 64) -> dict[str, ob
                                            drill_fraction=fraction)
             approx_info[key].update(evaluations=result.evaluations, work_fraction=result.work_fraction,
                                     tau=tau, tau_min_side=DEFAULT_TAU_MIN_SIDE, drill_factor=factor,
-                                    drill_fraction=fraction)
+                                    drill_fraction=fraction, precision=result.precision)
             return result.map
 
         return run_approx
@@ -175,7 +177,7 @@ def print_table(results: dict[str, object]) -> None:
         for key in APPROX:
             info = r["approx"][key]
             print(f"{'':<32}{key:>13}{vs_c[key]:>10.2f}×{vs_f[key]:>8.2f}×{r['ssim_vs_exact'][key]:>15.3f}"
-                  f"{info['evaluations']:>7}{info['work_fraction']:>10.2f}")
+                  f"{info['evaluations']:>7}{info['work_fraction']:>10.2f}  {info['precision']}")
     print("speed-ups are rival time / ours, medians over interleaved rounds; targets: exact ≥ 3× and approx ≥ 10× "
           "captum's best.\nmax|Δ|: exact vs full recompute; SSIM: approximate vs exact map; MAC share: conv+linear "
           "multiply-adds per scored patch relative to a full forward.")

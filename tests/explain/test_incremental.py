@@ -129,6 +129,51 @@ def test_maps_do_not_depend_on_the_batch_size() -> None:
     assert torch.equal(a, b)
 
 
+def test_plan_geometry_is_reused_across_images_but_weights_are_read_each_call() -> None:
+    edge = EdgeNet()
+    model, target = _wrap(edge, 37, 41), ClassScore(2)
+    inet = I.incremental_net(model.net)
+    first = I.incremental_occlusion(model.net, _image(37, 41, seed=11), target, window=5, stride=3)
+    codes = next(iter(inet._geometries.values())).codes
+    assert codes  # read indices were worked out once ...
+    x = _image(37, 41, seed=12)
+    second = I.incremental_occlusion(model.net, x, target, window=5, stride=3)
+    assert len(inet._geometries) == 1 and next(iter(inet._geometries.values())).codes is codes  # ... and reused
+    assert float((second.map - _full_map(model, x, target, 5, 3)).abs().max()) <= 1e-4
+    assert not torch.equal(first.map, second.map)
+    # weights changed in place (a sanity check's randomization): the cached geometry must not keep old ones
+    with torch.no_grad():
+        edge.conv2.weight.mul_(-1.5)
+        edge.bn1.running_mean.add_(0.3)
+    third = I.incremental_occlusion(model.net, x, target, window=5, stride=3)
+    full = _full_map(model, x, target, 5, 3)
+    assert float((third.map - second.map).abs().max()) > 1e-2
+    assert float((third.map - full).abs().max()) <= 1e-4
+    # a batch norm put in training mode is no longer folded: a new geometry, still exact
+    edge.bn2.train()
+    edge.bn2.momentum = 0.0  # batch statistics without changing the running ones
+    with torch.inference_mode():
+        changed = I.incremental_occlusion(model.net, x, target, window=5, stride=3)
+    assert len(inet._geometries) == 2
+    assert changed.map.shape == x.shape[-2:]
+
+
+def test_batches_hold_no_more_activations_than_batch_size_images() -> None:
+    net, x = EdgeNet(), _image(37, 41, seed=4)
+    inet = I.incremental_net(net)
+    boxes = np.array([[r, r + 5, c, c + 5] for r in range(0, 33, 3) for c in range(0, 37, 3)])
+    plan = inet.plan(x, boxes)
+    image = max(v[0].numel() for v in plan.base.values() if isinstance(v, torch.Tensor) and v.dim() == 4)
+    carried = [(plan.base[n], p) for n, p in plan.plans.items()
+               if p.state in ("delta", "full") and isinstance(plan.base[n], torch.Tensor)]
+    per_patch = max(int(v.shape[1]) * p.size[0] * p.size[1] if p.state == "delta" else v[0].numel() for v, p in carried)
+    for batch_size in (1, 3, 16):
+        step = plan.patches_per_batch(batch_size)
+        assert batch_size <= step <= I.BATCH_GROWTH * batch_size
+        assert step * per_patch <= max(batch_size * image, batch_size * per_patch)
+    assert plan.patches_per_batch(16) > 16  # EdgeNet's patches are small: batches do grow
+
+
 @functools.cache
 def _zoo(name: str) -> tuple[FaceModel, torch.Tensor, Target]:
     model = load_model(name)
@@ -227,9 +272,36 @@ def test_approx_without_threshold_or_drill_down_is_exact() -> None:
     net, x = EdgeNet(), _image(37, 41, seed=9)
     exact = I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3)
     same = I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3, mode="approx", tau=1.0,
-                                   drill_factor=1)
+                                   drill_factor=1, precision="float32")
     torch.testing.assert_close(same.map, exact.map, rtol=0, atol=1e-6)
     assert I.map_ssim(exact.map, same.map) == pytest.approx(1.0, abs=1e-6)
+    assert exact.precision == same.precision == "float32"
+
+
+def test_bfloat16_changes_only_the_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 (approximate mode only) gives the float32 map up to its ~3 significant digits; its
+    drops are taken against an unpatched copy rounded the same way, so no offset creeps in."""
+    net, x = EdgeNet(), _image(37, 41, seed=9)
+    exact = I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3)
+    # EdgeNet's convolutions are all narrow (≤ 75 multiply-adds per output): left in float32 ...
+    narrow = I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3, mode="approx", tau=1.0,
+                                     drill_factor=1, precision="bfloat16")
+    torch.testing.assert_close(narrow.map, exact.map, rtol=0, atol=1e-5)
+    # ... unless the threshold lets them all through
+    monkeypatch.setattr(I, "BFLOAT16_MIN_FAN_IN", 1)
+    low = I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3, mode="approx", tau=1.0,
+                                  drill_factor=1, precision="bfloat16")
+    assert low.precision == "bfloat16" and low.record()["precision"] == "bfloat16"
+    with torch.inference_mode():
+        scale = float(net(x).abs().max())  # bfloat16 keeps ~3 significant digits of the logits
+    error = float((low.map - exact.map).abs().max())
+    assert 0 < error < 0.03 * scale  # rounded, not equal; but close
+    assert I.map_ssim(exact.map, low.map) > 0.9
+    assert abs(float(low.map.mean() - exact.map.mean())) < 0.005 * scale
+    with pytest.raises(ModelError, match="float32"):
+        I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3, precision="bfloat16")
+    with pytest.raises(ModelError, match="precision"):
+        I.incremental_occlusion(net, x, ClassScore(2), window=5, stride=3, mode="approx", precision="half")  # type: ignore[arg-type]
 
 
 def test_approx_mode_is_cheaper_and_close_to_exact_on_fer() -> None:

@@ -40,7 +40,7 @@ from ..faces.canonical import (
     similarity_scale,
     to_canonical,
 )
-from ..faces.regions import REGION_NAMES, chip_region_masks, label_map
+from ..faces.regions import REGION_NAMES, chip_region_labels
 from ..image import ImageSource, load_image
 from ..models.base import FaceModel
 from ..targets import Contrastive, Metric, Similarity, Target
@@ -126,9 +126,8 @@ def _mean_over_hits(total: np.ndarray, hits: np.ndarray) -> np.ndarray:
 # -- region methods ------------------------------------------------------------------------------------
 def region_labels(chip: Chip) -> tuple[np.ndarray, dict[int, str]]:
     """The chip's landmark regions as one label map (each pixel in one region) and label → name."""
-    masks = chip_region_masks(chip)
-    labels = np.asarray(label_map(masks), np.int64)
-    return labels, {REGION_NAMES.index(name): name for name in masks}
+    labels = chip_region_labels(chip).astype(np.int64)  # a fresh, writable copy of the cached map
+    return labels, dict(enumerate(REGION_NAMES))
 
 
 class _RegionMethod(PerturbationMethod):

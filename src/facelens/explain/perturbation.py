@@ -275,11 +275,11 @@ def feature_attribution(
         raise ModelError(f"method must be 'lime', 'kernelshap' or 'occlusion', got {method!r}")
 
     padded = torch.cat([torch.ones(len(coalitions), 1, dtype=torch.bool), coalitions], 1)
-    padded = padded.to(base.device)
+    padded = padded.to(base.device, base.dtype)  # converted once: masks are gathered ready to use
     h, w = base.shape[-2:]
 
     def masks(start: int, stop: int) -> torch.Tensor:
-        return padded[start:stop].index_select(1, pixel_column).view(-1, 1, h, w).to(base.dtype)
+        return padded[start:stop].index_select(1, pixel_column).view(-1, 1, h, w)
 
     scores = engine.run_masks(base, fill, len(coalitions), masks).double().cpu().numpy()
     z = coalitions.numpy()
@@ -290,7 +290,7 @@ def feature_attribution(
     else:
         values, intercept = scores[0] - scores[1:], float(scores[0])
     vals = torch.as_tensor(values, dtype=torch.float32)
-    painted = torch.cat([torch.zeros(1), vals])[pixel_column.cpu()].view(h, w)
+    painted = torch.cat([torch.zeros(1), vals]).index_select(0, pixel_column.cpu()).view(h, w)
     return FeatureAttribution(labels=labels, values=vals, map=painted, intercept=float(intercept),
                               evaluations=engine.evaluations - before)
 
@@ -329,7 +329,8 @@ class Occlusion(PerturbationMethod):
     ``incremental`` (see `facelens.explain.incremental`): ``"exact"`` recomputes only what
     each window changes and gives the full recompute's map up to float rounding; ``"approx"``
     also caps the changed regions at ``tau`` of each map's side and drills down from a coarse
-    grid of windows (``drill_factor``, ``drill_fraction``); ``None`` scores every window with
+    grid of windows (``drill_factor``, ``drill_fraction``) and, with ``precision="auto"`` on a
+    CPU with native bfloat16, rounds its convolutions to bfloat16; ``None`` scores every window with
     full forwards. The default ``"auto"`` is ``"exact"`` when every layer a window reaches is
     supported, else ``None``. What ran is recorded in ``extras["incremental"]``.
     """
@@ -338,7 +339,8 @@ class Occlusion(PerturbationMethod):
     library = "facelens"
     signed = True
     defaults: ClassVar[dict[str, object]] = {"window": None, "stride": None, "fill": "zero", "incremental": "auto",
-                                             "tau": 0.4, "drill_factor": 2, "drill_fraction": 0.25}
+                                             "tau": 0.4, "drill_factor": 2, "drill_fraction": 0.25,
+                                             "precision": "auto"}
 
     def _geometry(self, h: int, w: int) -> tuple[int, int]:
         side = min(h, w)
@@ -383,7 +385,8 @@ class Occlusion(PerturbationMethod):
                 self.model.net, x, target, window=window, stride=stride, fill=fill, mode=mode,  # type: ignore[arg-type]
                 batch_size=self.batch_size, tau=float(self.settings["tau"]),  # type: ignore[arg-type]
                 drill_factor=int(self.settings["drill_factor"]),  # type: ignore[call-overload]
-                drill_fraction=float(self.settings["drill_fraction"]))  # type: ignore[arg-type]
+                drill_fraction=float(self.settings["drill_fraction"]),  # type: ignore[arg-type]
+                precision=str(self.settings["precision"]))  # type: ignore[arg-type]
             self.extras = {"incremental": result.record()}
             return result.map
         n_rows, n_cols = len(rows), len(cols)

@@ -50,10 +50,12 @@ __all__ = [
     "REGION_COLORS",
     "REGION_GROUPS",
     "REGION_NAMES",
+    "chip_region_labels",
     "chip_region_masks",
     "eye_bar_mask",
     "label_map",
     "landmark_region_masks",
+    "region_label_map",
     "region_masks",
     "region_overlay",
     "regions_union",
@@ -263,10 +265,16 @@ def _neck_polygon(pts: np.ndarray, frame: _FaceFrame, far: float) -> np.ndarray:
 
 def region_masks(shape_hw: tuple[int, int], landmarks68: np.ndarray) -> dict[str, np.ndarray]:
     """All `REGION_NAMES` as boolean masks of ``shape_hw``, mutually exclusive and covering the image."""
+    labels = region_label_map(shape_hw, landmarks68)
+    return {name: labels == i for i, name in enumerate(REGION_NAMES)}
+
+
+def region_label_map(shape_hw: tuple[int, int], landmarks68: np.ndarray) -> np.ndarray:
+    """The index in `REGION_NAMES` of every pixel of ``shape_hw`` (int32, read-only): the regions
+    as one map, for methods that take features as labels (region occlusion, LIME, SHAP)."""
     pts = _check_landmarks(landmarks68)
     hw = _check_shape(shape_hw)
-    labels = _cached_labels(hw, pts.tobytes()) if hw[0] * hw[1] <= _CACHED_PIXELS else _region_labels(hw, pts)
-    return {name: labels == i for i, name in enumerate(REGION_NAMES)}
+    return _cached_labels(hw, pts.tobytes()) if hw[0] * hw[1] <= _CACHED_PIXELS else _region_labels(hw, pts)
 
 
 _CACHED_PIXELS = 256 * 256  # chips, not photos: 256 cached label maps stay under 64 MiB
@@ -318,17 +326,26 @@ def _region_labels(hw: tuple[int, int], pts: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _chip_points(chip: Chip, landmarks68: np.ndarray | None) -> np.ndarray:
+    if landmarks68 is None:
+        if chip.face is None:
+            raise ModelError("this chip was cut without a face: pass landmarks68 to get its regions")
+        landmarks68 = chip.face.landmarks
+    return chip.points_to_chip(_check_landmarks(landmarks68))
+
+
 def chip_region_masks(chip: Chip, landmarks68: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """`region_masks` in the chip's frame, from the face's landmarks carried into the chip.
 
     ``landmarks68`` (photo pixels) overrides the chip's face, e.g. for a
     whole-image chip cut without one.
     """
-    if landmarks68 is None:
-        if chip.face is None:
-            raise ModelError("this chip was cut without a face: pass landmarks68 to get its regions")
-        landmarks68 = chip.face.landmarks
-    return region_masks(chip.shape, chip.points_to_chip(_check_landmarks(landmarks68)))
+    return region_masks(chip.shape, _chip_points(chip, landmarks68))
+
+
+def chip_region_labels(chip: Chip, landmarks68: np.ndarray | None = None) -> np.ndarray:
+    """`region_label_map` in the chip's frame (read-only), as `chip_region_masks` finds the landmarks."""
+    return region_label_map(chip.shape, _chip_points(chip, landmarks68))
 
 
 def label_map(masks: Mapping[str, np.ndarray]) -> np.ndarray:
