@@ -88,7 +88,8 @@ BATCH_GROWTH = 4
 """Incremental batches hold at most this many times ``batch_size`` patches (see `_Plan.patches_per_batch`):
 512 patches of fer-emotion ran slower than 256, the batch no longer fitting the caches."""
 BFLOAT16_MIN_FAN_IN = 128
-"""bfloat16 mode rounds only convolutions with this many multiply-adds per output (see `_Plan._bfloat16_weights`)."""
+"""bfloat16 mode rounds only convolutions with this many multiply-adds per output
+(see `IncrementalNet.bfloat16_weights`)."""
 
 _BIG = 1 << 40  # "unbounded" for range arithmetic
 
@@ -482,6 +483,7 @@ class IncrementalNet:
                 self.graph = None
         self._checked: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._geometries: dict[tuple, _Plan] = {}  # least recently used first
+        self._cached_weights: tuple | None = None  # (key, folded, (fan-in, bfloat16 weights) | None)
         self._lock = threading.Lock()
 
     GEOMETRIES = 4
@@ -498,11 +500,56 @@ class IncrementalNet:
             raise ModelError("the network of this IncrementalNet no longer exists")
         return net
 
+    # -- weights ------------------------------------------------------------------------------------------
+    def folded(self) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+        """`_fold_batch_norms` of the network's current weights (cached until any of them changes)."""
+        return self._weights()[0]
+
+    def bfloat16_weights(self) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The weights of bfloat16 mode: convolutions with at least `BFLOAT16_MIN_FAN_IN`
+        multiply-adds per output in bfloat16, the others as `folded` has them (cached like it).
+        Native bfloat16 runs dlib-resnet's 3×3×32+ convolutions 2–3× faster; fer-emotion's depthwise
+        and narrow 1×1 ones got slower, the casts costing more than the arithmetic saves."""
+        folded, low = self._weights()
+        if low is not None and low[0] == BFLOAT16_MIN_FAN_IN:
+            return low[1]
+        assert self.graph is not None
+        weights: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None]] = dict(folded)
+        for node in self.graph.nodes:
+            module = self.modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, nn.Conv2d) and module.weight[0].numel() >= BFLOAT16_MIN_FAN_IN:
+                weight, bias = folded.get(node, (module.weight, module.bias))
+                weights[node] = (weight.detach().bfloat16(), None if bias is None else bias.detach().bfloat16())
+        with self._lock:
+            held = self._cached_weights
+            if held is not None and held[1] is folded:
+                self._cached_weights = (held[0], folded, (BFLOAT16_MIN_FAN_IN, weights))
+        return weights
+
+    def _weights(self) -> tuple[dict, tuple | None]:
+        """(folded weights, (fan-in threshold, bfloat16 weights) or None), worked out again when a
+        weight, a buffer or a training flag changes (sanity checks randomize weights in place)."""
+        from ..models.fuse import _fingerprint
+
+        assert self.graph is not None
+        key = (_fingerprint(self.net), tuple(m.training for m in self.modules.values()))
+        with self._lock:
+            held = self._cached_weights
+        if held is not None and held[0] == key:
+            return held[1], held[2]
+        folded = _fold_batch_norms(list(self.graph.nodes), self.modules)
+        with self._lock:
+            self._cached_weights = (key, folded, None)
+        return folded, None
+
     # -- intact pass --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def materialize(self, x: torch.Tensor) -> dict[fx.Node, Any]:
-        """Every node's value on the intact image ``(1, C, H, W)``."""
+        """Every node's value on the intact image ``(1, C, H, W)``. A convolution whose batch norm
+        folds into it gives the normed map, and the norm passes it on (as the patched passes do)."""
         assert self.graph is not None
+        folded = self.folded()
+        identities = {user for node in folded for user in node.users}
         env: dict[fx.Node, Any] = {}
         for node in self.graph.nodes:
             if node.op == "placeholder":
@@ -511,6 +558,11 @@ class IncrementalNet:
                 env[node] = _attr(self.net, str(node.target))
             elif node.op == "output":
                 env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
+            elif node in identities:
+                env[node] = env[node.args[0]]  # type: ignore[index]
+            elif node in folded:
+                weight, bias = folded[node]
+                env[node] = self.modules[str(node.target)]._conv_forward(env[node.args[0]], weight, bias)  # type: ignore[index, operator]
             else:
                 args = fx.node.map_arg(node.args, lambda n: env[n])
                 kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
@@ -594,7 +646,7 @@ class _Plan:
         self.inet = inet
         self.base = base
         self.nodes: list[fx.Node] = list(inet.graph.nodes)
-        self.folded = _fold_batch_norms(self.nodes, inet.modules)  # per call: weights may have changed
+        self.folded = inet.folded()  # per call: weights may have changed
         self._weights = self.folded  # what the folded layers run with (bfloat16 copies in `scores`)
         self._stores: dict[fx.Node, _Store] = {}
         self._images: tuple[torch.Tensor, torch.Tensor, _Store] | None = None
@@ -859,19 +911,6 @@ class _Plan:
         start = origin * axis.stride - axis.before
         return start[:, None] + torch.arange(axis.span(n), device=device)[None, :]
 
-    def _bfloat16_weights(self) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None]]:
-        """The weights of one call in bfloat16 mode: convolutions with at least `BFLOAT16_MIN_FAN_IN`
-        multiply-adds per output in bfloat16, the others as they are (batch norms folded in).
-        Native bfloat16 runs dlib-resnet's 3×3×32+ convolutions 2–3× faster; fer-emotion's depthwise
-        and narrow 1×1 ones got slower, the casts costing more than the arithmetic saves."""
-        weights: dict[fx.Node, tuple[torch.Tensor, torch.Tensor | None]] = dict(self.folded)
-        for node in self.nodes:
-            module = self.inet.modules.get(str(node.target)) if node.op == "call_module" else None
-            if isinstance(module, nn.Conv2d) and module.weight[0].numel() >= BFLOAT16_MIN_FAN_IN:
-                weight, bias = self.folded.get(node, (module.weight, module.bias))
-                weights[node] = (weight.detach().bfloat16(), None if bias is None else bias.detach().bfloat16())
-        return weights
-
     def _convolve(self, node: fx.Node, inp: torch.Tensor, *, windowed: bool) -> torch.Tensor:
         """A convolution with its `_weights`: on a window (unpadded) or a whole map (padded as the layer
         pads). In bfloat16 only the convolution itself is rounded; what follows it (sums, pools, the
@@ -970,10 +1009,10 @@ class _Plan:
                subset: np.ndarray | None = None, precision: Precision = "float32") -> PatchScores:
         """Target scores of the patches (or of ``subset`` of them), in batches holding no more
         activations than ``batch_size`` whole images (`patches_per_batch`); ``precision="bfloat16"``
-        rounds the long convolutions to bfloat16 (`_bfloat16_weights`)."""
+        rounds the long convolutions to bfloat16 (`IncrementalNet.bfloat16_weights`)."""
         which = np.arange(len(self.boxes)) if subset is None else np.asarray(subset, dtype=np.int64)
         out = torch.empty(len(which))
-        self._weights = self._bfloat16_weights() if precision == "bfloat16" else self.folded
+        self._weights = self.inet.bfloat16_weights() if precision == "bfloat16" else self.folded
         step = self.patches_per_batch(batch_size)
         try:
             for start in range(0, len(which), step):
