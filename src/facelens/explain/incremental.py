@@ -544,9 +544,10 @@ class IncrementalNet:
 
     # -- intact pass --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def materialize(self, x: torch.Tensor) -> dict[fx.Node, Any]:
-        """Every node's value on the intact image ``(1, C, H, W)``. A convolution whose batch norm
-        folds into it gives the normed map, and the norm passes it on (as the patched passes do)."""
+    def materialize(self, x: torch.Tensor, skip: frozenset[fx.Node] = frozenset()) -> dict[fx.Node, Any]:
+        """Every node's value on the intact image ``(1, C, H, W)``, but for the nodes in ``skip`` (and
+        so for everything computed from them). A convolution whose batch norm folds into it gives the
+        normed map, and the norm passes it on (as the patched passes do)."""
         assert self.graph is not None
         folded = self.folded()
         identities = {user for node in folded for user in node.users}
@@ -556,6 +557,8 @@ class IncrementalNet:
                 env[node] = x
             elif node.op == "get_attr":
                 env[node] = _attr(self.net, str(node.target))
+            elif node in skip:
+                continue
             elif node.op == "output":
                 env[node] = fx.node.map_arg(node.args[0], lambda n: env[n])
             elif node in identities:
@@ -592,7 +595,6 @@ class IncrementalNet:
         if self.graph is None:
             raise ModelError(f"incremental inference is not available: {self.reason}")
         boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-        values = base if base is not None else self.materialize(x)
         # Window sizes, offsets and read indices depend only on shapes, patches, settings and which
         # layers are frozen, not on the image: a later image of the same size reuses them.
         key = (tuple(x.shape), boxes.tobytes(), mode, float(tau), float(coverage), int(tau_min_side),
@@ -600,6 +602,8 @@ class IncrementalNet:
                tuple(m.running_mean is None for m in self.modules.values() if isinstance(m, _BatchNorm)))
         with self._lock:
             geometry = self._geometries.pop(key, None)
+        # with a known geometry the layers every patch recomputes in full need no intact values
+        values = base if base is not None else self.materialize(x, skip=geometry.tail if geometry else frozenset())
         plan = _Plan(self, values, boxes, mode=mode, tau=tau, coverage=coverage, tau_min_side=tau_min_side,
                      geometry=geometry)
         with self._lock:
@@ -612,7 +616,7 @@ class IncrementalNet:
                mode: Mode = "exact", tau: float = DEFAULT_TAU, coverage: float = DEFAULT_COVERAGE,
                batch_size: int = 64) -> PatchScores:
         """Scores of ``x`` with each box replaced by ``fill`` (both ``(1, C, H, W)``)."""
-        plan = self.plan(x, boxes, mode=mode, tau=tau, coverage=coverage)
+        plan = self.plan(x, boxes, mode=mode, tau=tau, coverage=coverage, base=self.materialize(x))
         plan.warn()
         return plan.scores(x, fill, target, batch_size=batch_size)
 
@@ -666,6 +670,8 @@ class _Plan:
             self.plans[node] = self._plan_node(node)
         self.fallback_ops = tuple(self._fallback)
         self.work_fraction = self._work[0] / self._work[1] if self._work[1] else 1.0
+        self.tail = frozenset(n for n, p in self.plans.items() if p.state == "full")
+        self.cells = self._activation_cells()
         order = {n: i for i, n in enumerate(self.nodes)}
         self.last_use: dict[fx.Node, int] = {}
         for node in self.nodes:
@@ -679,7 +685,7 @@ class _Plan:
         return kept
 
     GEOMETRY = ("boxes", "tau", "tau_min_side", "coverage", "plans", "identities", "codes", "_fallback", "_work",
-                "fallback_ops", "work_fraction", "last_use")
+                "fallback_ops", "work_fraction", "last_use", "tail", "cells")
     """What a plan shares with later plans of the same shapes, patches and settings (`IncrementalNet.plan`)."""
 
     # -- planning ---------------------------------------------------------------------------------------
@@ -989,11 +995,8 @@ class _Plan:
                           "computed in full from there (the map is exact, only slower)", RuntimeWarning,
                           stacklevel=3)
 
-    def patches_per_batch(self, batch_size: int) -> int:
-        """How many patches make one batch: as many as fit in the activation memory of ``batch_size``
-        whole images (a patch carries small windows until its change covers the map), at most
-        `BATCH_GROWTH` times more. Larger batches amortize the per-layer work of a batch: on
-        fer-emotion's small maps 256 patches a batch ran 1.35× faster than 64."""
+    def _activation_cells(self) -> tuple[int, int]:
+        """(largest map of one image, largest activation one patch carries), in values."""
         full = max((v[0].numel() for v in self.base.values() if isinstance(v, torch.Tensor) and v.dim() == 4),
                    default=1)
         per_patch = 1
@@ -1003,6 +1006,14 @@ class _Plan:
                 per_patch = max(per_patch, int(v.shape[1]) * plan.size[0] * plan.size[1])
             elif plan.state == "full" and isinstance(v, torch.Tensor):
                 per_patch = max(per_patch, v[0].numel())
+        return full, per_patch
+
+    def patches_per_batch(self, batch_size: int) -> int:
+        """How many patches make one batch: as many as fit in the activation memory of ``batch_size``
+        whole images (a patch carries small windows until its change covers the map), at most
+        `BATCH_GROWTH` times more. Larger batches amortize the per-layer work of a batch: on
+        fer-emotion's small maps 256 patches a batch ran 1.35× faster than 64."""
+        full, per_patch = self.cells
         return int(min(BATCH_GROWTH * batch_size, max(batch_size, batch_size * full // per_patch)))
 
     def scores(self, x: torch.Tensor, fill: torch.Tensor, target: Target, *, batch_size: int = 64,
@@ -1023,7 +1034,7 @@ class _Plan:
                 out[start:start + len(idx)] = target(result).float().cpu()
         finally:
             self._weights = self.folded
-        intact_out = self.base[self.nodes[-1]]
+        intact_out = self.base.get(self.nodes[-1])  # skipped when the plan's geometry was known
         intact = float(target(intact_out)[0]) if isinstance(intact_out, torch.Tensor) else float("nan")
         return PatchScores(out, intact, self.work_fraction, bool(self.fallback_ops), self.fallback_ops)
 
@@ -1127,9 +1138,9 @@ def incremental_occlusion(
     cannot be traced is scored in full, with a warning and ``fell_back``.
 
     ``precision``: approximate mode may also compute in bfloat16 (``"auto"``: where the CPU does
-    bfloat16 natively, e.g. AVX512-BF16 or AMX; 2–3× faster convolutions there). Its drops are
-    then taken against the score of an unpatched copy computed the same way, so the rounding of
-    the two sides is alike. Exact mode is always float32.
+    bfloat16 natively, e.g. AVX512-BF16 or AMX; 2–3× faster convolutions there). Exact mode is
+    always float32. Drops are taken against the score of an empty patch computed the same way,
+    so the rounding of the two sides is alike.
     """
     from .engine import PerturbationEngine
     from .perturbation import fill_image, occlusion_windows
@@ -1167,13 +1178,13 @@ def incremental_occlusion(
         return IncrementalOcclusion(occlusion_map(rows, cols, drops.to(x)), drops.float(),
                                     torch.ones(n_rows, n_cols, dtype=torch.bool), intact, "full", len(boxes),
                                     1.0, True, (inet.reason,))
-    if low == "bfloat16":  # a last, empty patch: the unpatched image through the same arithmetic
-        boxes = np.concatenate([boxes, np.zeros((1, 4), np.int64)])
+    # A last, empty patch: the unpatched image through the same arithmetic (and bfloat16 rounding), so
+    # the drops are differences of like with like; the intact pass then skips what every patch recomputes.
+    boxes = np.concatenate([boxes, np.zeros((1, 4), np.int64)])
     plan = inet.plan(x, boxes, mode=mode, tau=tau, coverage=coverage, tau_min_side=tau_min_side)
     plan.warn()
     computed = np.zeros((n_rows, n_cols), dtype=bool)
     values = np.zeros((n_rows, n_cols), dtype=np.float64)
-    intact = float(target(plan.base[plan.nodes[-1]])[0])
 
     def score(positions: np.ndarray, with_intact: bool = False) -> float:
         flat = positions[:, 0] * n_cols + positions[:, 1]
@@ -1183,14 +1194,14 @@ def incremental_occlusion(
         got = result.scores.double().numpy()
         values[positions[:, 0], positions[:, 1]] = got[:len(positions)]
         computed[positions[:, 0], positions[:, 1]] = True
-        return float(got[-1]) if with_intact else intact
+        return float(got[-1]) if with_intact else float("nan")
 
     if mode == "exact" or drill_factor == 1:
-        intact = score(np.argwhere(np.ones((n_rows, n_cols), dtype=bool)), low == "bfloat16")
+        intact = score(np.argwhere(np.ones((n_rows, n_cols), dtype=bool)), True)
         drops = intact - values
     else:
         at_r, at_c = _coarse_axis(n_rows, drill_factor), _coarse_axis(n_cols, drill_factor)
-        intact = score(np.stack(np.meshgrid(at_r, at_c, indexing="ij"), -1).reshape(-1, 2), low == "bfloat16")
+        intact = score(np.stack(np.meshgrid(at_r, at_c, indexing="ij"), -1).reshape(-1, 2), True)
         coarse = intact - values[np.ix_(at_r, at_c)]
         k = max(1, math.ceil(drill_fraction * coarse.size))
         chosen = np.argsort(-np.abs(coarse).ravel(), kind="stable")[:k]
