@@ -404,3 +404,24 @@ def test_canonical_occlusion_lands_on_the_template_mouth(mouth_model: tuple[Face
     grown = cv2.dilate(template_mouth, np.ones((15, 15), np.uint8)) > 0
     positive = np.clip(canon, 0, None)
     assert positive[grown].sum() / positive.sum() > 0.8 and grown.mean() < 0.1
+
+
+def test_splat_sums_each_box_over_its_pixels() -> None:
+    """The difference-image splat against the plain loop, with boxes cut at the border and empty ones."""
+    rng = np.random.default_rng(0)
+    h, w = 23, 31
+    y0 = rng.integers(0, h + 1, 60)
+    x0 = rng.integers(0, w + 1, 60)
+    y1, x1 = np.minimum(h, y0 + rng.integers(0, 9, 60)), np.minimum(w, x0 + rng.integers(0, 9, 60))
+    boxes = np.stack([y0, y1, x0, x1], 1)
+    boxes[:3] = [[0, h, 0, w], [5, 5, 2, 9], [h - 1, h, w - 1, w]]
+    values = rng.normal(size=60)
+    want_total, want_hits = np.zeros((h, w)), np.zeros((h, w))
+    for v, (a, b, c, d) in zip(values, boxes, strict=True):
+        want_total[a:b, c:d] += v
+        want_hits[a:b, c:d] += 1
+    total, hits = FX._splat(values, torch.as_tensor(boxes), h, w)
+    np.testing.assert_allclose(total, want_total, atol=1e-12)
+    np.testing.assert_array_equal(hits, want_hits)
+    with pytest.raises(ModelError, match="values"):
+        FX._splat(values[:5], torch.as_tensor(boxes), h, w)

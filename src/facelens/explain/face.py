@@ -108,13 +108,23 @@ def _centred_boxes(centres: np.ndarray, window: int, h: int, w: int) -> torch.Te
 
 
 def _splat(values: np.ndarray, boxes: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of each box's value over its pixels, and the number of boxes covering each pixel."""
-    total = np.zeros((h, w), np.float64)
-    hits = np.zeros((h, w), np.float64)
-    for v, (y0, y1, x0, x1) in zip(values, boxes.tolist(), strict=True):
-        total[y0:y1, x0:x1] += v
-        hits[y0:y1, x0:x1] += 1
-    return total, hits
+    """Sum of each box's value over its pixels, and the number of boxes covering each pixel.
+
+    Each box adds its value at its four corners of a difference image, whose running sums over
+    rows and columns are the totals: one pass, not a Python loop over hundreds of boxes."""
+    b = np.asarray(boxes, np.int64).reshape(-1, 4)
+    v = np.asarray(values, np.float64).reshape(-1)
+    if len(v) != len(b):
+        raise ModelError(f"{len(v)} values for {len(b)} boxes")
+    out = []
+    for weights in (v, np.ones_like(v)):
+        diff = np.zeros((h + 1, w + 1), np.float64)
+        for rows, cols, sign in ((b[:, 0], b[:, 2], 1.0), (b[:, 0], b[:, 3], -1.0), (b[:, 1], b[:, 2], -1.0),
+                                 (b[:, 1], b[:, 3], 1.0)):
+            np.add.at(diff, (rows, cols), sign * weights)
+        out.append(diff.cumsum(0).cumsum(1)[:h, :w])
+    total, hits = out
+    return total, np.rint(hits)
 
 
 def _mean_over_hits(total: np.ndarray, hits: np.ndarray) -> np.ndarray:
@@ -602,12 +612,10 @@ class Dise(PerturbationMethod):
 
         scores = intact - engine.run_masks(x, fill, n, batch).double()
         positive = scores > 0
-        total = torch.zeros(h * w, dtype=torch.float64)
-        for start, stop in engine.batches(n):
-            sel = positive[start:stop]
-            if sel.any():
-                hidden = 1.0 - batch(start, stop)[sel].flatten(1).double()
-                total += scores[start:stop][sel] @ hidden
+        # Σ over positive masks of score·(1 − mask) = Σ score − Σ score·mask; the second sum groups the
+        # masks by shift before upsampling (`RiseMasks.weighted_sum`) instead of rebuilding every mask
+        weights = torch.where(positive, scores, torch.zeros_like(scores))
+        total = (weights.sum() - masks.weighted_sum(weights)).flatten()
         n_pos = int(positive.sum())
         grid = int(self.settings["grid"])  # type: ignore[call-overload]
         self.extras = {"prior": prior.view(grid, grid).numpy(), "positive_masks": n_pos,

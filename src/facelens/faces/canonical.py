@@ -253,12 +253,22 @@ def _barycentric(points: np.ndarray, face: CanonicalFace) -> tuple[np.ndarray, n
     return triangle, bary[np.arange(len(points)), np.maximum(triangle, 0)]
 
 
+@lru_cache(maxsize=32)
+def _cached_barycentric(size: int, points: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """`_barycentric` of the same canonical points (a method's occlusion sites) for every chip:
+    finding them in the mesh took 6 ms, 3% of fer-emotion's canonical occlusion."""
+    triangle, bary = _barycentric(np.frombuffer(points, np.float64).reshape(-1, 2), canonical_face(size))
+    triangle.setflags(write=False)
+    bary.setflags(write=False)
+    return triangle, bary
+
+
 def canonical_to_chip_points(points: np.ndarray, chip: Chip, size: int = CANONICAL_SIZE) -> np.ndarray:
     """Canonical pixel positions ``(P, 2)`` carried onto the chip by the same warp
     (each point keeps its barycentric coordinates in its mesh triangle)."""
     face = canonical_face(size)
     pts = np.asarray(points, np.float64).reshape(-1, 2)
-    triangle, bary = _barycentric(pts, face)
+    triangle, bary = _cached_barycentric(size, pts.tobytes())
     if (triangle < 0).any():
         raise ModelError("canonical points must lie inside the canonical frame's triangulation")
     landmarks = chip_landmarks(chip)
