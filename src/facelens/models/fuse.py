@@ -136,13 +136,12 @@ _lock = threading.Lock()
 
 @dataclass(frozen=True)
 class _Anatomy:
-    """What the per-call checks read of a network, listed once: its submodules, their parameter
-    and buffer dicts, and their hook dicts. Walking the module tree on every scoring call cost
-    about 1 ms, 8% of a small method's time (fer-emotion region occlusion). The dicts are the
-    modules' own, so replaced or updated weights and added hooks are seen; a submodule attached
-    after the first call is not."""
+    """What the per-call checks read of a network, listed once: its submodules' parameter and
+    buffer dicts, and their hook dicts. Walking the module tree on every scoring call cost about
+    1 ms, 8% of a small method's time (fer-emotion region occlusion). The dicts are the modules'
+    own, so replaced or updated weights and added hooks are seen; a submodule attached after the
+    first call is not."""
 
-    modules: tuple[nn.Module, ...]
     tensors: tuple[dict, ...]
     hooks: tuple[dict, ...]
 
@@ -155,7 +154,7 @@ def _anatomy(net: nn.Module) -> _Anatomy:
     if found is None:
         below = tuple(net.modules())[1:]  # without ``net``: a value that held its key would keep it alive
         found = _anatomies[net] = _Anatomy(
-            below, tuple(d for m in below for d in (m._parameters, m._buffers)),
+            tuple(d for m in below for d in (m._parameters, m._buffers)),
             tuple(d for m in below for d in (m._forward_hooks, m._forward_pre_hooks)))
     return found
 
