@@ -17,23 +17,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from .errors import ModelError
 
+if TYPE_CHECKING:
+    from .models.cohort import Cohort
+
 __all__ = [
+    "RECOGNIZER_TARGETS",
     "ClassScore",
+    "CohortSimilarity",
     "Contrastive",
     "GallerySimilarity",
     "Similarity",
     "Target",
+    "ThresholdMargin",
     "UserTarget",
     "as_target",
     "probability_target",
 ]
+
+#: the named recognizer targets (``target=`` in the API, ``--target`` on the command line)
+RECOGNIZER_TARGETS = ("cohort", "projection", "cosine", "margin")
 
 Metric = Literal["cosine", "neg_l2", "dot"]
 
@@ -58,6 +67,16 @@ class Target(ABC):
 
     kind: str = "target"
 
+    @property
+    def unit(self) -> str:
+        """What one unit of the score means, for every number shown beside it."""
+        return "target units"
+
+    @property
+    def impostor_level(self) -> float | None:
+        """The median score of a different person's face, where the target knows it (matchers)."""
+        return None
+
     @abstractmethod
     def score(self, out: torch.Tensor) -> torch.Tensor:
         """Scores ``(N,)`` for outputs ``(N, D)``."""
@@ -71,7 +90,7 @@ class Target(ABC):
         return self.kind
 
     def settings(self) -> dict[str, object]:
-        return {"kind": self.kind, "description": self.describe()}
+        return {"kind": self.kind, "description": self.describe(), "unit": self.unit}
 
 
 @dataclass(eq=False)
@@ -94,6 +113,10 @@ class ClassScore(Target):
     def describe(self) -> str:
         label = self.name if self.name is not None else f"class {self.index}"
         return f"{self.output} of '{label}'"
+
+    @property
+    def unit(self) -> str:
+        return "softmax probability" if self.output == "probability" else "logit"
 
 
 @dataclass(eq=False)
@@ -130,6 +153,11 @@ class Similarity(Target):
     def describe(self) -> str:
         return f"{self.metric} similarity to {self.label}"
 
+    @property
+    def unit(self) -> str:
+        return {"cosine": "cosine", "dot": "projection (embedding units)",
+                "neg_l2": "minus the L2 distance"}[self.metric]
+
 
 class GallerySimilarity(Similarity):
     """Similarity to a gallery identity: the mean of its enrolled embeddings."""
@@ -164,6 +192,88 @@ class Contrastive(Target):
 
     def describe(self) -> str:
         return f"{self.metric} similarity to mate minus mean over {len(self._non_t)} non-mate(s)"
+
+
+class CohortSimilarity(Target):
+    """Identity evidence in impostor standard deviations: why is this face (still) this person.
+
+    ``z = (û·v − ū·v) / √(vᵀΣv)`` with ``û`` the probe's unit embedding, ``v = u_ref − ū`` the reference's
+    direction away from the cohort's average face ``ū``, and ``Σ`` the cohort covariance (see
+    :mod:`facelens.models.cohort`). The probe-side term ``û·ū`` removes the component every face shares
+    (dlib: cosine 0.84 between strangers), so a perturbation that makes the face generic loses score;
+    the reference-side scale puts an impostor at about 0 and the same person's other photo at about 4.6
+    (dlib-resnet on FRL London). Against the face's own embedding the gradient is not zero, unlike
+    cosine or distance to itself, so gradient methods can explain it.
+    """
+
+    def __init__(self, reference: np.ndarray | torch.Tensor | Sequence[float], cohort: Cohort,
+                 label: str = "reference") -> None:
+        ref = _vec(reference).double().numpy()
+        v, mu, sd = cohort.reference_terms(ref)
+        self.reference = torch.as_tensor(ref, dtype=torch.float32)
+        self.cohort = cohort
+        self.label = label
+        self.kind = "cohort"
+        #: ``v / σ``: the score is ``û · direction − offset``
+        self.direction = torch.as_tensor(v / sd, dtype=torch.float32)
+        #: ``ū · v / σ``, the impostor mean in the score's unit
+        self.offset = float(mu / sd)
+
+    def score(self, out: torch.Tensor) -> torch.Tensor:
+        if out.shape[1] != self.direction.numel():
+            raise ModelError(f"reference has {self.direction.numel()} dims, the model outputs {out.shape[1]}")
+        unit = out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(1e-12)
+        return unit @ self.direction.to(out.dtype).to(out.device) - self.offset
+
+    def describe(self) -> str:
+        return f"cohort z-score of the match to {self.label}"
+
+    @property
+    def unit(self) -> str:
+        return f"impostor SDs (cohort of {self.cohort.n_identities} people)"
+
+    @property
+    def impostor_level(self) -> float | None:
+        return self.cohort.impostor_quantiles.get("median")
+
+    def settings(self) -> dict[str, object]:
+        return {**super().settings(), "cohort": self.cohort.describe(),
+                "impostor_quantiles": dict(self.cohort.impostor_quantiles),
+                "genuine_quantiles": dict(self.cohort.genuine_quantiles)}
+
+
+@dataclass(eq=False)
+class ThresholdMargin(Target):
+    """How far below the model's decision threshold the distance to the reference is: positive = a match.
+
+    Zero gradient at the reference's own embedding (a distance is at its minimum there), so explain a
+    face against *another* photo with it, not against itself.
+    """
+
+    reference: torch.Tensor
+    threshold: float
+    label: str = "reference"
+    kind: str = field(default="margin", init=False)
+
+    def __post_init__(self) -> None:
+        self.reference = _vec(self.reference)
+
+    def score(self, out: torch.Tensor) -> torch.Tensor:
+        ref = self.reference.to(out.dtype).to(out.device)
+        if out.shape[1] != ref.numel():
+            raise ModelError(f"reference has {ref.numel()} dims, the model outputs {out.shape[1]}")
+        return self.threshold - torch.linalg.vector_norm(out - ref.unsqueeze(0), dim=1)
+
+    def describe(self) -> str:
+        return f"margin below the {self.threshold:g} L2 threshold to {self.label}"
+
+    @property
+    def unit(self) -> str:
+        return "L2 distance below the threshold"
+
+    @property
+    def impostor_level(self) -> float | None:
+        return None
 
 
 @dataclass(eq=False)

@@ -38,8 +38,8 @@ ALL_METHODS = [m["name"] for m in list_methods()]
 
 def test_registry_has_the_whole_toolbox():
     expected = {"gradient", "gradient-x-input", "smoothgrad", "integrated-gradients", "guided-backprop", "deeplift",
-                "lrp", "ebp", "contrastive-ebp", "cam", "gradcam", "gradcam++", "scorecam", "occlusion", "rise",
-                "lime", "kernelshap", "region-occlusion", "region-lime", "region-shap", "dise"}
+                "lrp", "ebp", "contrastive-ebp", "cam", "gradcam", "gradcam++", "layercam", "scorecam", "occlusion",
+                "rise", "lime", "kernelshap", "region-occlusion", "region-lime", "region-shap", "dise"}
     assert expected <= set(ALL_METHODS)
     libraries = {m["name"]: m["library"] for m in list_methods()}
     assert libraries["gradcam"] == "pytorch-grad-cam" and libraries["lrp"] == "zennit"
@@ -72,16 +72,28 @@ def test_defaults_top_class_and_self_similarity(portrait):
     top = next(iter(g.predict(portrait)))
     assert top in e.target
     r = explain("dlib-resnet", portrait, "gradient")
-    assert "own unperturbed embedding" in r.target
-    own = load_model("dlib-resnet").embed(portrait)
-    assert r.score == pytest.approx(float(np.linalg.norm(own)), rel=1e-4)  # projection onto itself
+    assert "own unperturbed embedding" in r.target and r.target.startswith("cohort z-score")
+    m = load_model("dlib-resnet")
+    own = m.embed(portrait)
+    assert r.score == pytest.approx(float(m.cohort.z(own[None], own)[0]), rel=1e-4)  # the face against itself
     assert np.abs(r.chip_map).max() > 1e-4  # a real gradient, not the zero of cosine at its maximum
+    rng = r.target_range
+    assert rng is not None and rng.unit.startswith("impostor SDs") and rng.intact == pytest.approx(r.score)
+    assert rng.deleted_blur < rng.intact - 3 and rng.impostor is not None  # removing the face removes the match
+    p = explain("dlib-resnet", portrait, "gradient", target="projection")
+    assert p.score == pytest.approx(float(np.linalg.norm(own)), rel=1e-4)  # the old projection, kept by name
+    assert p.target_range.deleted_blur > 0.7 * p.score  # ... whose range is narrow: why it is not the default
 
 
 def test_reference_photo_explains_the_match():
     a, b = default_portraits()
     e = explain("dlib-resnet", a.image, "gradcam", reference=b.image)
-    assert "reference photo" in e.target and e.score < 0.95  # two different people
+    genuine_low = load_model("dlib-resnet").cohort.genuine_quantiles["q05"]
+    assert "reference photo" in e.target and e.score < genuine_low  # two different people: below every genuine pair
+    c = explain("dlib-resnet", a.image, "gradcam", reference=b.image, target="cosine")
+    assert 0.5 < c.score < 0.95  # raw cosine between strangers: high, which is why it has no range
+    with pytest.raises(ModelError, match="recognizer: target must be one of"):
+        explain("dlib-resnet", a.image, "gradcam", target="happy")
     with pytest.raises(ModelError, match="unknown setting"):
         explain("dlib-resnet", a.image, "gradcam", n_stepz=3)
     with pytest.raises(ModelError, match="unknown method"):

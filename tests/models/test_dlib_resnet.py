@@ -242,7 +242,7 @@ def test_build_gives_the_documented_face_model(net: DlibResNet, photos: list[Fac
     assert (model.recipe.size, model.recipe.padding, model.recipe.method) == (150, 0.25, "dlib5")
     assert model.license == "CC0-1.0" and WEIGHTS_KEY in model.source
     assert model.preprocessing == "(RGB − [122.782, 117.001, 104.298]) / 256"
-    assert set(model.layers) == {"early", "mid", "late"}
+    assert set(model.layers) == {"early", "mid", "late", "cam"}
     for alias in model.layers:
         assert model.layer(alias) is not None
     chips = [p.chip for p in photos[:3]]

@@ -21,10 +21,11 @@ from ..faces.detect import Face
 from ..image import ImageSource, load_image
 from ..models.base import FaceModel
 from ..models.registry import load_model
-from ..targets import ClassScore, Similarity, Target, as_target
+from ..targets import RECOGNIZER_TARGETS, ClassScore, CohortSimilarity, Similarity, Target, ThresholdMargin, as_target
 from .base import METHODS, Method
 from .engine import DEFAULT_BATCH_SIZE, EMBEDDINGS
 from .explanation import Explanation
+from .target_range import TargetRange, measure_range
 
 __all__ = ["explain", "get_method", "list_methods", "resolve_target"]
 
@@ -60,44 +61,75 @@ def _embedding_of(model: FaceModel, chip: Chip) -> np.ndarray:
 
 def resolve_target(model: FaceModel, chip: Chip, target: object = None,
                    reference: ImageSource | np.ndarray | Chip | None = None,
-                   metric: str = "cosine") -> Target:
+                   metric: str | None = None) -> Target:
     """Turn what the user said into a `Target`.
 
-    Defaults: the top class for a classifier; for a recognizer, the face's own
-    unperturbed embedding (what keeps this identity), measured as the projection
-    onto it (``dot``: cosine to itself has zero gradient), or the similarity to
-    ``reference`` when given (why is A matched to B).
+    Classifiers: the top class by default, or the class named or numbered by ``target``.
+
+    Recognizers: the reference is ``reference`` (a photo, chip or embedding: why is A matched to B) or,
+    without one, the face's own unperturbed embedding (what keeps this face this person). The score is
+    named by ``target`` (one of :data:`~facelens.targets.RECOGNIZER_TARGETS`) or, for the old
+    ``metric`` argument, ``cosine``/``neg_l2``/``dot``:
+
+    * ``cohort`` (the default when the model has a cohort): the match in impostor standard deviations,
+      so an impostor scores about 0 (:class:`~facelens.targets.CohortSimilarity`);
+    * ``projection``: the dot product with the unit reference, the pre-cohort default (it keeps 92 % of
+      its value on a blurred dlib chip: little range);
+    * ``cosine``; ``margin``: the model's threshold minus the L2 distance.
     """
     if isinstance(target, Target) or (callable(target) and not isinstance(target, (str, int))):
         return as_target(target)
     if model.task == "classification":
-        names = model.class_names or []
-        if target is None:
-            logits = model.forward_chips(chip)[0]
-            idx = int(np.argmax(logits))
-        elif isinstance(target, (int, np.integer)):
-            idx = int(target)
-        elif isinstance(target, str) and target in names:
-            idx = names.index(target)
-        elif isinstance(target, str) and target.isdigit():
-            idx = int(target)
-        else:
-            raise ModelError(f"{model.name} has no class {target!r}")
-        if not 0 <= idx < len(names):
-            raise ModelError(f"class index {idx} out of range for {model.name} ({len(names)} classes)")
-        return ClassScore(idx, name=names[idx])
-    # recognizer
-    if reference is None and target is not None and not isinstance(target, str):
-        reference = target
+        return _class_target(model, chip, target)
+    kind = target if isinstance(target, str) else None
+    if kind is not None and kind not in RECOGNIZER_TARGETS:
+        raise ModelError(f"{model.name} is a recognizer: target must be one of {', '.join(RECOGNIZER_TARGETS)}, "
+                         f"a reference embedding or a callable; got {target!r}")
+    if reference is None and target is not None and kind is None:
+        reference = target  # a reference embedding given as the target
     if reference is None:
-        return Similarity(_embedding_of(model, chip), "dot",  # type: ignore[arg-type]
-                          label="its own unperturbed embedding (projection onto it)")
-    if isinstance(reference, Chip):
-        return Similarity(_embedding_of(model, reference), metric, label="the reference photo")  # type: ignore[arg-type]
-    if isinstance(reference, (np.ndarray, torch.Tensor)) and np.asarray(reference).ndim == 1:
-        return Similarity(reference, metric, label="the reference embedding")  # type: ignore[arg-type]
-    ref_chip = model.chip(reference)
-    return Similarity(_embedding_of(model, ref_chip), metric, label="the reference photo")  # type: ignore[arg-type]
+        ref, label = _embedding_of(model, chip), "its own unperturbed embedding"
+    elif isinstance(reference, Chip):
+        ref, label = _embedding_of(model, reference), "the reference photo"
+    elif isinstance(reference, (np.ndarray, torch.Tensor)) and np.asarray(reference).ndim == 1:
+        ref, label = np.asarray(reference, np.float32), "the reference embedding"
+    else:
+        ref, label = _embedding_of(model, model.chip(reference)), "the reference photo"
+    if kind is None and metric is not None:
+        kind = {"dot": "projection", "neg_l2": "neg_l2"}.get(metric, metric)
+    if kind is None:
+        kind = "cohort" if model.cohort is not None else ("projection" if reference is None else "cosine")
+    if kind == "cohort":
+        if model.cohort is None:
+            raise ModelError(f"{model.name} has no cohort statistics; give one (facelens.models.cohort) or use "
+                             f"target='projection' or 'cosine'")
+        return CohortSimilarity(ref, model.cohort, label=label)
+    if kind == "margin":
+        if model.match_threshold is None:
+            raise ModelError(f"{model.name} has no decision threshold, so target='margin' is undefined")
+        return ThresholdMargin(torch.as_tensor(ref), float(model.match_threshold), label=label)
+    if kind == "projection":
+        return Similarity(ref, "dot", label=f"{label} (projection onto it)")  # type: ignore[arg-type]
+    if kind in ("cosine", "neg_l2"):
+        return Similarity(ref, kind, label=label)  # type: ignore[arg-type]
+    raise ModelError(f"unknown similarity metric {metric!r}; use cosine, neg_l2 or dot")
+
+
+def _class_target(model: FaceModel, chip: Chip, target: object) -> Target:
+    names = model.class_names or []
+    if target is None:
+        idx = int(np.argmax(model.forward_chips(chip)[0]))
+    elif isinstance(target, (int, np.integer)):
+        idx = int(target)
+    elif isinstance(target, str) and target in names:
+        idx = names.index(target)
+    elif isinstance(target, str) and target.isdigit():
+        idx = int(target)
+    else:
+        raise ModelError(f"{model.name} has no class {target!r}")
+    if not 0 <= idx < len(names):
+        raise ModelError(f"class index {idx} out of range for {model.name} ({len(names)} classes)")
+    return ClassScore(idx, name=names[idx])
 
 
 def explain(
@@ -111,6 +143,7 @@ def explain(
     batch_size: int = DEFAULT_BATCH_SIZE,
     seed: int = 0,
     progress: bool | None = None,
+    target_range: TargetRange | None = None,
     **settings: object,
 ) -> Explanation:
     """Explain one face (the largest, or ``face``) with one method.
@@ -119,6 +152,8 @@ def explain(
     embedding (recognizers); ``reference``: a photo or embedding to explain the match against.
     ``batch_size`` is the one cost knob of every perturbation method; ``seed`` makes sampling
     methods repeatable; other keyword settings are method-specific (see `list_methods()`).
+    ``target_range``: the range already measured for this face and target (several methods on one
+    face need it once); by default it is measured here.
     """
     fm = load_model(model) if isinstance(model, str) else model
     photo = load_image(image)
@@ -130,13 +165,12 @@ def explain(
     t0 = time.perf_counter()
     saliency = m.attribute(x, tgt, chips=[chip])[0]
     seconds = time.perf_counter() - t0
-    with torch.inference_mode():
-        score = float(tgt(fm.net(x))[0])
+    levels = target_range if target_range is not None else measure_range(fm.net, x, tgt)[0]
     return Explanation(
-        method=cls.name, model=fm.name, target=tgt.describe(), score=score,
+        method=cls.name, model=fm.name, target=tgt.describe(), score=levels.intact,
         chip_map=saliency.numpy().astype(np.float32), chip=chip, photo=photo,
         settings=m.used_settings(), seconds=seconds, signed=cls.signed, library=cls.library,
-        extras=getattr(m, "extras", {}),
+        extras=getattr(m, "extras", {}), target_range=levels,
     )
 
 

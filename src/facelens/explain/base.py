@@ -130,11 +130,20 @@ class PerturbationMethod(Method):
 
 
 class CamMethod(Method):
-    """Class-activation methods: a weighted sum of one layer's feature maps, upsampled."""
+    """Class-activation methods: a weighted sum of one layer's feature maps, upsampled.
+
+    ``layer`` is a module name or a layer alias of the model (``early``/``mid``/``late``, ``cam``).
+    The default, ``cam``, is each zoo model's documented Grad-CAM layer: its deepest map of at least
+    8×8, because a map is never finer than its layer and a 4×4 one cannot separate eyes, nose and
+    mouth on a face chip. A model that names no ``cam`` layer (a user's) uses its ``late`` one.
+    """
 
     family: ClassVar[str] = "cam"
-    defaults: ClassVar[dict[str, object]] = {"layer": "late"}
+    defaults: ClassVar[dict[str, object]] = {"layer": "cam"}
 
     def layer_name(self) -> str:
-        name = str(self.settings.get("layer") or "late")
+        """The module the map is computed at: the ``layer`` setting, aliases resolved."""
+        name = str(self.settings.get("layer") or "cam")
+        if name == "cam" and "cam" not in self.model.layers:
+            name = "late"
         return self.model.layers.get(name, name)

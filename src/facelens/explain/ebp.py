@@ -56,7 +56,7 @@ from zennit.types import Linear as LinearTypes
 from ..errors import ModelError
 from ..faces.align import Chip
 from ..models.layers import Normalize
-from ..targets import ClassScore, Contrastive, Similarity, Target
+from ..targets import ClassScore, CohortSimilarity, Contrastive, Similarity, Target
 from .base import Method, register
 from .canonize import hookable
 from .lrp import lrp_canonizers
@@ -215,6 +215,8 @@ def unit_for(target: Target, output: Callable[[], torch.Tensor], dual: bool = Fa
         return Unit(index=target.index, dual=dual)
     if isinstance(target, Similarity):
         return Unit(weights=_unit_vector(target.reference), dual=dual)
+    if isinstance(target, CohortSimilarity):  # this face rather than the cohort's average face, as contrastive EBP
+        return Unit(weights=_unit_vector(target.direction), dual=dual)
     if isinstance(target, Contrastive):
         non = torch.stack([_unit_vector(n) for n in target.nonmates]).mean(0)
         return Unit(weights=_unit_vector(target.mate) - non, dual=dual)

@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import ModelError
 from ..faces.align import Chip
 from ..faces.regions import chip_region_masks
+from .target_range import TargetRange
 
 __all__ = ["Explanation", "RegionAttention", "region_attention", "saliency_mass"]
 
@@ -78,6 +79,8 @@ class Explanation:
         seconds: wall time of the attribution.
         signed: whether negative values carry meaning.
         extras: method-specific results (e.g. per-depth CAMs, the partner map of a pair).
+        target_range: the target's unit and its intact, fully deleted and impostor levels, so the
+            score and any metric on it can be read against the range they live in.
     """
 
     method: str
@@ -92,6 +95,7 @@ class Explanation:
     signed: bool = False
     library: str = "facelens"
     extras: dict[str, object] = field(default_factory=dict)
+    target_range: TargetRange | None = None
 
     @cached_property
     def photo_map(self) -> np.ndarray:
@@ -124,6 +128,9 @@ class Explanation:
             "score": self.score, "seconds": round(self.seconds, 4), "settings": self.settings,
             "map_shape": list(self.chip_map.shape), "finite": bool(np.isfinite(self.chip_map).all()),
         }
+        if self.target_range is not None:
+            out["unit"] = self.target_range.unit
+            out["target_range"] = self.target_range.as_dict()
         if self.chip.face is not None:
             out["region_attention"] = self.region_attention().as_dict()
             if isinstance(self.extras.get("depths"), dict) and self.extras["depths"]:

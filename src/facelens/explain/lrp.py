@@ -14,7 +14,9 @@ logit for a class score. For a similarity the same first-order split is taken wi
 norm held fixed: cosine similarity is scale-invariant, so the plain product sums to exactly zero
 (Euler) and vanishes entirely for the default self-similarity target; holding the norm fixed gives
 ``out_i · ref_i / (‖out‖‖ref‖)``, which sums to the cosine itself. Negative L2 distance is split
-around the reference, ``−(out_i − ref_i)² / ‖out − ref‖``, which sums to the distance.
+around the reference, ``−(out_i − ref_i)² / ‖out − ref‖``, which sums to the distance. The cohort
+score (the recognizers' default, ``û · d − c``) is scale-invariant too and is split the same way,
+``out_i · d_i / ‖out‖``, with its constant ``c`` (the impostor mean) spread evenly over the outputs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from zennit.types import Linear as LinearTypes
 from ..errors import ModelError
 from ..faces.align import Chip
 from ..models.layers import Normalize
-from ..targets import Contrastive, Similarity, Target
+from ..targets import CohortSimilarity, Contrastive, Similarity, Target
 from .base import Method, register
 from .canonize import AddCanonizer, ExactMergeBatchNorm, foldable_batch_norms, hookable
 
@@ -75,6 +77,10 @@ def output_relevance(target: Target, out: torch.Tensor) -> torch.Tensor:
     out = out.detach()
     if isinstance(target, Similarity):
         return _similarity_split(target, out)
+    if isinstance(target, CohortSimilarity):  # û·d − c: each output's share of the projection, the constant evenly
+        norms = torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(1e-12)
+        d = target.direction.to(out.dtype).to(out.device).unsqueeze(0)
+        return out * d / norms - target.offset / out.shape[1]
     if isinstance(target, Contrastive):
         mate = _similarity_split(target._mate_t, out)
         non = torch.stack([_similarity_split(t, out) for t in target._non_t]).mean(0)

@@ -36,6 +36,7 @@ from .engine import PerturbationEngine
 __all__ = [
     "BLUR_SIGMA",
     "FILL_KINDS",
+    "REMOVAL_BLUR_SIGMA",
     "FeatureAttribution",
     "KernelShap",
     "Lime",
@@ -52,6 +53,10 @@ __all__ = [
 FillKind = Literal["zero", "mean", "blur"]
 FILL_KINDS = ("zero", "mean", "blur")
 BLUR_SIGMA = 0.04  # σ as a fraction of the image side, as DISE blurs
+#: σ (fraction of the side) of the blur that *removes* a face in faithfulness metrics and target ranges.
+#: DISE's 0.04 keeps a face recognizable: on 24 FRL London chips dlib-resnet still matched 92 % of them
+#: to the intact photo (cohort z 2.9 of 5.5); at 0.12 the score falls to the impostor level (−0.09).
+REMOVAL_BLUR_SIGMA = 0.12
 FeatureMethod = Literal["lime", "kernelshap", "occlusion"]
 
 # Occlusion windows scale with the chip: 16 px windows, stride 8, on 150 px dlib chips.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from ..errors import ModelError
 from ..faces.align import AlignRecipe, Chip, align
 from ..faces.detect import Face, pick_face
 from ..image import ImageSource, load_image, source_name
+
+if TYPE_CHECKING:
+    from .cohort import Cohort
 
 __all__ = ["FaceModel", "Task"]
 
@@ -54,6 +57,9 @@ class FaceModel:
     source: str = "user"
     match_threshold: float | None = None
     description: str = ""
+    #: recognizers: the statistics of other people's embeddings that give match scores a unit
+    #: (:mod:`facelens.models.cohort`); None when the model ships none and the user gave none
+    cohort: Cohort | None = None
 
     def __post_init__(self) -> None:
         self.net.eval()
@@ -158,4 +164,5 @@ class FaceModel:
             "preprocessing": self.preprocessing, "alignment": self.recipe.describe(),
             "classes": len(self.class_names) if self.class_names else None, "layers": dict(self.layers),
             "license": self.license, "source": self.source,
+            "cohort": self.cohort.describe() if self.cohort is not None else None,
         }

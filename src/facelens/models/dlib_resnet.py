@@ -30,6 +30,7 @@ from ..errors import WeightsError
 from ..faces.align import AlignRecipe
 from ..weights import weight_path
 from .base import FaceModel
+from .cohort import load_cohort
 from .dlib_dat import (
     AddPrev,
     Conv,
@@ -266,15 +267,20 @@ def build() -> FaceModel:
         net=net,
         input_size=(INPUT_SIZE, INPUT_SIZE),
         recipe=AlignRecipe(size=INPUT_SIZE, padding=0.25, method="dlib5"),
+        # early/mid/late span the depth (filters, inversion, the report's depth table); "cam" is the
+        # default layer of Grad-CAM-type methods: the deepest map of at least 8×8. Deeper, stage 4 is 4×4
+        # and stage 5, which feeds the global pooling and so is CAM's layer, is 2×2 with only its top-left
+        # cell seeing the last convolutions: too coarse to separate facial features.
         layers={
             "early": "stage1.block2.relu2",  # 32 channels, 35×35
             "mid": "stage2.block3.relu2",  # 64 channels, 17×17
-            # 256 channels, 4×4: stage 5 is 2×2 and only its top-left cell sees its convolutions
-            "late": "stage4.block2.relu2",
+            "late": "stage4.block2.relu2",  # 256 channels, 4×4
+            "cam": "stage3.block2.relu2",  # 128 channels, 8×8
         },
         preprocessing=f"(RGB − {mean}) / 256",
         license="CC0-1.0",
         source=f"face_recognition_models==0.3.0: {WEIGHTS_KEY}",
         match_threshold=0.6,
         description="dlib's face-recognition ResNet (29 convolutions, 128-d); same person if distance < 0.6",
+        cohort=load_cohort("dlib-resnet"),
     )

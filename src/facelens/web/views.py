@@ -85,6 +85,15 @@ def _outputs_table(a: Analysis) -> str:
                  digits=4)
 
 
+def score_text(e: object) -> str:
+    """The score with its unit and the range it lives in (intact, fully removed face, impostor level)."""
+    r = getattr(e, "target_range", None)
+    if r is None:
+        return f"score {e.score:.4g}"  # type: ignore[attr-defined]
+    imp = f", a stranger's face about {r.impostor:.3g}" if r.impostor is not None else ""
+    return f"score {r.intact:.3g} {r.unit}; with the face blurred away {r.deleted_blur:.3g}{imp}"
+
+
 def analysis_html(a: Analysis) -> str:
     """Overlays side by side, one bar chart of region attention per method, and the model's outputs."""
     from ..explain.render import overlay
@@ -94,7 +103,7 @@ def analysis_html(a: Analysis) -> str:
     for e in a.explanations:
         figs.append(figure(overlay(e.chip.image, e.chip_map, signed=e.signed),
                            f"{e.method}: where it finds evidence for {e.target} "
-                           f"(score {e.score:.4f}, {e.seconds * 1000:.0f} ms). "
+                           f"({score_text(e)}; {e.seconds * 1000:.0f} ms). "
                            + ("Red: for, blue: against." if e.signed else "Red: most, blue: least."),
                            width=220))
     bars = [_bars(e.method, e.region_attention().mass) for e in a.explanations]
@@ -132,7 +141,7 @@ def anonymization_html(fx: AnonymizationEffect) -> str:
     ]
     figs = [figure(fx.anonymized, f"The photo anonymized with {label}.", width=220),
             figure(overlay(e.chip.image, e.chip_map, signed=e.signed),
-                   f"{e.method} on the anonymized face (score {e.score:.4f}).", width=220)]
+                   f"{e.method} on the anonymized face ({score_text(e)}).", width=220)]
     return (
         f'<div class="fl-anon" data-method="{escape(fx.method)}">'
         f'<div class="fl-row">{"".join(figs)}</div>'
