@@ -1,5 +1,6 @@
 """The anonymization audit on real photos: masking the whole face must defeat re-identification while the
-unmasked photos match; classifier tables must be self-consistent; bad photos are reported and skipped."""
+unmasked photos match; verdicts follow the one interval rule (a setting at chance never reads "partial");
+classifier tables must be self-consistent; the self-test is an illustration; bad photos are reported and skipped."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from facelens.studies.anonymization import (
     anonymization_settings,
     load_user_mask,
     parse_strengths,
+    reidentify,
 )
+from facelens.studies.recognition import above_chance, illustration_label
 
 from .conftest import write_manifest
 
@@ -61,12 +64,69 @@ def test_full_face_mask_destroys_reidentification_while_unmasked_photos_match(re
     assert full["mean_genuine_distance"] > 0.6
 
 
+def _decided(result, dataset, setting):
+    return next(d for d in result.summary["verdicts"] if d["dataset"] == dataset and d["setting"] == setting)
+
+
+def _line(result, dataset, setting):
+    label = "unmasked baseline" if setting == "original" else setting.replace("_", " ")
+    return next(v for v in result.verdicts if v.startswith(f"{label} — {dataset}:"))
+
+
 def test_verdicts_follow_the_numbers(reid):
-    by_label = {v.split(":")[0]: v for v in reid.verdicts}
-    assert by_label["unmasked baseline"].startswith("unmasked baseline")
-    assert "not enough" not in by_label["full face"]
-    assert "not enough" in by_label["mouth"]  # the mouth alone hides nothing from dlib-resnet
-    assert "95% CI" in by_label["full face"] and "n = " in by_label["full face"]
+    # FRL London, 10 identities: unmasked and mouth-masked photos are re-identified (whole interval above the
+    # bar); the full face mask is at chance, so the claim is not supported — never "partial"
+    assert _decided(reid, "frl_london", "original")["status"] == "supported"
+    assert _decided(reid, "frl_london", "mouth")["status"] == "supported"
+    assert "is not enough against dlib-resnet" in _line(reid, "frl_london", "mouth")
+    full = _decided(reid, "frl_london", "full_face")
+    assert full["status"] in ("not supported", "inconclusive")
+    assert full["threshold"] == pytest.approx(above_chance(1 / 10))
+    line = _line(reid, "frl_london", "full_face")
+    assert "partial" not in line and "sizeable" not in line and "not enough" not in line
+    assert "(95% interval), n = 10 identities" in line
+    # ORL here has 3 identities: fewer than the least the tool decides on, whatever the numbers
+    for setting in ("original", "mouth", "full_face"):
+        d = _decided(reid, "orl", setting)
+        assert d["status"] == "inconclusive" and "fewer than 8" in d["reason"]
+    # the table says the same as the sentences
+    for r in reid.tables["reidentification"]:
+        assert r["still_reidentified"] == _decided(reid, r["dataset"], r["setting"])["status"]
+
+
+def test_no_interval_of_zero_width(reid):
+    rows = reid.tables["reidentification"]
+    found = [(k[:-7], r[k], r[k[:-7] + "_ci_high"]) for r in rows for k in r if k.endswith("_ci_low")]
+    assert {n for n, *_ in found} == {"rank1", "verified_at_threshold", "false_accepts_at_threshold"}
+    for name, lo, hi in found:
+        assert hi > lo, (name, lo, hi)
+    full = _row(reid, "frl_london", "full_face")
+    assert full["verified_at_threshold"] == 0 and full["verified_at_threshold_ci_high"] > 0  # 0/n still has width
+
+
+def _separated(n_ids: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n_ids, 16)), [f"id{i}" for i in range(n_ids)]
+
+
+def test_known_answers_on_synthetic_embeddings():
+    gallery, labels = _separated(40)
+    rng = np.random.default_rng(1)
+    kept = gallery + rng.normal(scale=0.05, size=gallery.shape)  # a mask that keeps identity
+    random = rng.normal(size=gallery.shape)  # a mask that leaves nothing of the person: rank-1 at chance
+    opts = dict(metric="l2", score_threshold=-0.6, n_boot=200)
+    keeps = reidentify(gallery, labels, kept, labels, setting="weak", **opts)
+    hides = reidentify(gallery, labels, random, labels, setting="strong", **opts)
+    assert keeps.verdict.status == "supported" and keeps.rank1.value == 1.0
+    assert hides.verdict.status in ("not supported", "inconclusive")
+    assert hides.rank1.lo < hides.bar and hides.bar == pytest.approx(above_chance(1 / 40))
+    # few people: no verdict either way, with the reason stated
+    small, small_labels = _separated(5)
+    few = reidentify(small, small_labels, small, small_labels, **opts)
+    assert few.rank1.value == 1.0 and few.verdict.status == "inconclusive" and "fewer than 8" in few.verdict.reason
+    # a self-test decides nothing, however clear the numbers
+    shown = reidentify(gallery, labels, kept, labels, illustration=True, **opts)
+    assert shown.verdict.status == "inconclusive" and "illustration" in shown.verdict.reason
 
 
 def test_bad_photos_are_reported_and_skipped(reid, bad_rows):
@@ -106,10 +166,19 @@ def test_classifier_table_is_consistent(gender):
     orig = table["original"]
     assert orig["confidence_drop"] == 0 and orig["class_changed"] == 0
     assert orig["photos"] == 10
+    # the unmasked row's drop is 0 by definition: no interval rather than one of zero width
+    assert np.isnan(orig["confidence_drop_ci_low"]) and np.isnan(orig["confidence_drop_ci_high"])
     for r in table.values():
         assert r["confidence_unmasked"] == pytest.approx(orig["confidence_unmasked"])
         assert r["confidence_drop"] == pytest.approx(r["confidence_unmasked"] - r["confidence_after"])
         assert 0 <= r["class_changed_ci_low"] <= r["class_changed"] <= r["class_changed_ci_high"] <= 1
+        assert r["class_changed_ci_high"] > r["class_changed_ci_low"]
+        if r["setting"] != "original":
+            assert r["confidence_drop_ci_high"] > r["confidence_drop_ci_low"]
+    # every masked setting gets the two decided claims; 5 FRL London people is fewer than 8: inconclusive
+    decided = gender.summary["verdicts"]
+    assert len(decided) == 2 * (len(table) - 1)
+    assert all(d["status"] == "inconclusive" and "fewer than 8" in d["reason"] for d in decided)
     # dlib-gender's answer relies on the face: hiding all of it must cost confidence in the unmasked class
     assert table["full_face"]["confidence_drop"] > 0.05
     assert "accuracy_vs_label" in orig  # FRL London has self-reported sex
@@ -148,11 +217,20 @@ def test_settings_and_strength_parsing():
         anonymization_settings(("sunglasses",))
 
 
-def test_portrait_self_test_says_it_is_tiny():
+def test_portrait_self_test_is_an_illustration_without_verdict():
+    label = illustration_label(2)
     res = anonymization_audit(None, "dlib-gender", methods=("full_face",), saliency=None, n_boot=100)
-    assert "tiny self-test" in res.notes[0] and "not a measurement" in res.notes[0]
-    assert all(v.startswith("Tiny self-test (2 photos)") for v in res.verdicts)
+    assert res.notes[0].startswith(label) and "measures nothing" in res.notes[0]
+    # said once, before the numbers it qualifies; the lines after it are numbers, never a status
+    assert res.verdicts[0].startswith(label) and "not findings" in res.verdicts[0]
+    assert not any(s in v for v in res.verdicts for s in (": supported", ": not supported", ": inconclusive"))
     assert res.tables["classifier"][0]["photos"] == 8  # 2 portraits + 3 altered copies each
+    assert all(d["status"] == "inconclusive" and "illustration" in d["reason"] for d in res.summary["verdicts"])
+    reid = anonymization_audit(None, "dlib-resnet", methods=("full_face",), saliency=None, n_boot=100)
+    assert reid.verdicts[0].startswith(label) and "not findings" in reid.verdicts[0]
+    assert not any(s in v for v in reid.verdicts for s in (": supported", ": not supported", ": inconclusive"))
+    assert all(d["status"] == "inconclusive" and "illustration" in d["reason"] for d in reid.summary["verdicts"])
+    assert not any("still re-identifies" in v and ": supported" in v for v in reid.verdicts)
 
 
 def test_cli_writes_json_csv_html(tmp_path, pick_rows):

@@ -1,5 +1,6 @@
 """Perturbations are graded (stronger level, stronger change); item-response curves on real photos go from
-a high clean rate to chance; criterion levels, AUCs and the zoo follow their definitions."""
+a high clean rate to chance; criterion levels, AUCs and the zoo follow their definitions; verdicts and
+crossings follow their intervals (an interval that contains the criterion never reads "stays above")."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from facelens.faces.canonical import template_landmarks
 from facelens.studies.perturbations import PERTURBATIONS, get_perturbation, perturb
 from facelens.studies.psychophysics import (
     criterion_level,
+    crossing_interval,
+    format_level,
     herding,
+    item_response_curve,
     item_response_curves,
     normalized_auc,
     split_gallery_probes,
@@ -109,6 +113,82 @@ def test_criterion_level_and_auc_follow_their_definitions():
     assert normalized_auc([0, 2, 10], [0.7, 0.7, 0.7]) == pytest.approx(0.7)
 
 
+def _hits(rates: list[float], n_ids: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-level hits of ``n_ids`` probes (one per identity) with exactly round(rate × n) right, shuffled."""
+    rng = np.random.default_rng(seed)
+    jpeg = PERTURBATIONS["jpeg"]
+    out = {"original": np.ones(n_ids)}
+    for lv, r in zip(jpeg.levels, rates, strict=True):
+        h = np.zeros(n_ids)
+        h[: round(r * n_ids)] = 1
+        out[jpeg.label(lv)] = rng.permutation(h)
+    return out
+
+
+def _jpeg_curve(rates: list[float], n_ids: int, criterion: float):
+    correct = _hits(rates, n_ids)
+    ids = np.array([f"p{i}" for i in range(n_ids)], dtype=object)
+    return item_response_curve(PERTURBATIONS["jpeg"], PERTURBATIONS["jpeg"].levels, correct, ids, 0.025, criterion,
+                               300, 0, "rank-1 rate")
+
+
+def test_an_interval_containing_the_criterion_at_the_last_level_is_inconclusive():
+    # the issue's case: 29 probes, rate 0.66 at quality 1, criterion 0.517 inside its interval
+    c = _jpeg_curve([1.0, 1.0, 0.97, 0.93, 0.9, 0.86, 0.8, 0.72, 0.66], 29, 0.517)
+    assert c.lo[-1] < 0.517 < c.hi[-1]
+    assert not np.isfinite(c.criterion_level)  # the point estimate never crosses...
+    assert c.verdict is not None and c.verdict.status == "inconclusive"  # ...but that is not "never reaches"
+    text = c.sentence()
+    assert "stays above" not in text and "never" not in text and "cannot be told" in text
+    assert c.summary()["still_above_at_last_level"] == "inconclusive"
+
+
+def test_a_curve_clearly_above_or_below_the_criterion_is_decided():
+    above = _jpeg_curve([1.0] * 9, 40, 0.5)
+    assert above.verdict is not None and above.verdict.status == "supported"
+    assert "stays above the criterion over the whole sweep" in above.sentence()
+    falls = _jpeg_curve([1.0, 1.0, 0.95, 0.9, 0.7, 0.4, 0.1, 0.0, 0.0], 40, 0.5)
+    assert falls.verdict is not None and falls.verdict.status == "not supported"
+    # the crossing comes with an interval that holds it, quoted to two figures
+    # (in sweep order: JPEG quality falls, so the interval runs from the higher quality to the lower)
+    assert falls.crossing_from >= falls.criterion_level >= falls.crossing_to and not falls.crossing_beyond
+    assert falls.crossing_from > falls.crossing_to
+    bounds = falls.summary()
+    assert bounds["criterion_level_ci_low"] == falls.crossing_to and bounds["criterion_level_ci_high"] == \
+        falls.crossing_from
+    assert (f"falls below the criterion at JPEG quality = {format_level(falls.criterion_level)} (95% interval "
+            f"{format_level(falls.crossing_to)} to {format_level(falls.crossing_from)})") in falls.sentence()
+    # every rate interval has width, at 40/40 and 0/40 too
+    assert np.all(falls.hi > falls.lo) and falls.rates[0] == 1.0 and falls.rates[-1] == 0.0
+    few = _jpeg_curve([1.0, 1.0, 0.95, 0.9, 0.7, 0.4, 0.1, 0.0, 0.0], 5, 0.5)
+    assert few.verdict is not None and few.verdict.status == "inconclusive" and "fewer than 8" in few.verdict.reason
+
+
+def test_crossing_interval_resamples_identities():
+    lv = np.array([0.0, 1.0, 2.0, 3.0])
+    # everyone is right at 0 and 1, wrong at 3; at level 2, 15 of 40 people: the crossing moves with who is drawn
+    hits = np.zeros((40, 4))
+    hits[:, :2] = 1
+    hits[:15, 2] = 1
+    ids = [f"p{i}" for i in range(40)]
+    lo, hi, beyond = crossing_interval(lv, hits, ids, 0.5, n_boot=500, seed=0)
+    point = criterion_level(lv, hits.mean(0), 0.5)
+    assert point == pytest.approx(1.8)
+    assert lo < point < hi and not beyond and lo >= 1.0 and hi <= 3.0
+    # everyone jumps from right to wrong between two levels: the sweep grid is all the resolution there is
+    jump = np.zeros((40, 4))
+    jump[:, :2] = 1
+    assert crossing_interval(lv, jump, ids, 0.5, n_boot=200) == (1.0, 2.0, False)
+    # nobody ever falls below: no crossing, beyond the sweep
+    lo, hi, beyond = crossing_interval(lv, np.ones((40, 4)), ids, 0.5, n_boot=200)
+    assert np.isnan(lo) and np.isnan(hi) and beyond
+
+
+def test_levels_are_quoted_to_two_significant_figures():
+    assert [format_level(x) for x in (0.1437, 31.26, 0.7149, 3.44, float("nan"))] == ["0.14", "31", "0.71", "3.4",
+                                                                                       "n/a"]
+
+
 def test_herding_partitions_and_finds_the_planted_goat_and_lamb():
     rng = np.random.default_rng(0)
     n = 12
@@ -144,6 +224,9 @@ def test_curves_on_real_photos_go_from_clean_to_chance(london):
     assert 0 < blur.criterion_level < 0.5
     assert blur.criterion == pytest.approx((blur.clean_rate + blur.chance) / 2)
     assert np.all(blur.lo <= blur.rates + 1e-12) and np.all(blur.rates <= blur.hi + 1e-12)
+    assert np.all(blur.hi > blur.lo)  # Wilson: never of zero width, also at 10/10 and 0/10
+    assert blur.verdict is not None and blur.verdict.status == "not supported"  # 10 people: enough to decide
+    assert blur.crossing_from <= blur.criterion_level <= (blur.crossing_to if not blur.crossing_beyond else 0.5)
     assert res.herd is not None and sorted(m.identity for m in res.herd) == sorted({f"frl_london:{r.identity}"
                                                                                     for r in london})
 
@@ -167,4 +250,7 @@ def test_cli_writes_the_study_files(tmp_path, london):
     for name in ("curves", "examples", "herd"):
         assert (out / f"psychophysics_{name}.png").stat().st_size > 1000
     assert (out / "psychophysics_curves.csv").read_text().startswith("perturbation,level")
+    # 5 identities: every curve is measured and drawn, but no verdict is given on so few people
+    assert all(d["status"] == "inconclusive" and "fewer than 8" in d["reason"] for d in data["summary"]["verdicts"])
+    assert all("fewer than 8" in v for v in data["verdicts"][1:] if not v.startswith("Zoo"))
     assert "data:image/png;base64" in (out / "psychophysics.html").read_text()

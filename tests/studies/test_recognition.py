@@ -1,5 +1,6 @@
 """One-shot recognition on real photos: ORL enroll-1/probe-the-rest reaches a measured floor, the open-set
-threshold rejects strangers, and the CLI writes its files."""
+threshold rejects strangers, every rate carries a non-degenerate interval and a verdict by the one rule, the
+self-test is an illustration without verdicts, and the CLI writes its files."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import pytest
 
 from facelens.cli import main
 from facelens.datasets import ManifestRow
+from facelens.evaluate.stats import rate_interval
 from facelens.studies.recognition import (
+    REID_MARGIN,
     FeatureSource,
+    above_chance,
+    far_axis_floor,
     feature_sources,
+    illustration_label,
     one_shot_audit,
     one_shot_splits,
     open_set,
-    rate,
+    pct,
     vgg16_available,
 )
 
@@ -47,6 +53,37 @@ def test_orl_one_shot_rank1_reaches_the_measured_floor(orl_frl):
     assert row["rank1"] >= ORL_RANK1_FLOOR
     assert row["chance_rank1"] == pytest.approx(1 / 8)
     assert row["rank1_ci_low"] <= row["rank1"] <= row["rank1_ci_high"]
+    # 8 identities, every one well above chance + 20% of the way to certain: the claim is supported
+    assert row["identifies"] == "supported"
+    assert row["rank1_ci_low"] > above_chance(1 / 8)
+
+
+def _intervals(rows):
+    """Every (name, low, high) interval in table rows (``x_ci_low`` / ``x_ci_high`` columns)."""
+    return [(k[:-7], r[k], r[k[:-7] + "_ci_high"]) for r in rows for k in r if k.endswith("_ci_low")]
+
+
+def test_no_interval_of_zero_width_even_at_n_of_n(orl_frl):
+    rows = orl_frl.tables["closed_set"] + orl_frl.tables["open_set"]
+    found = _intervals(rows)
+    assert {name for name, *_ in found} >= {"rank1", "tar_at_threshold", "far_at_threshold", "false_alarm_rate"}
+    for name, lo, hi in found:
+        assert hi > lo, (name, lo, hi)
+    perfect = _row(orl_frl, "closed_set", "frl_london", "dlib-resnet embedding")
+    assert perfect["rank1"] == 1.0 and perfect["rank1_ci_high"] == 1.0 and perfect["rank1_ci_low"] < 0.8  # 8/8
+
+
+def test_verdict_sentences_carry_status_interval_and_n(orl_frl):
+    decided = orl_frl.summary["verdicts"]
+    assert {d["status"] for d in decided} <= {"supported", "not supported", "inconclusive"}
+    for d in decided:
+        assert d["ci"][0] <= d["value"] <= d["ci"][1] and d["n_units"] >= 1
+    # the open set holds out 30% of 8 identities: 2 strangers, too few for a verdict
+    strangers = next(d for d in decided if d["dataset"] == "orl" and "rejects strangers" in d["claim"])
+    assert strangers["status"] == "inconclusive" and "fewer than 8" in strangers["reason"]
+    for line in orl_frl.verdicts:
+        assert any(f": {s} — " in line for s in ("supported", "not supported", "inconclusive"))
+        assert "(95% interval), n = " in line
 
 
 def test_frl_enrolls_neutral_and_probes_smiling(orl_frl):
@@ -98,12 +135,21 @@ def test_open_set_logic_on_separated_embeddings():
     assert loose is not None and loose.false_alarm.value == 1.0  # a threshold that accepts everything
 
 
-def test_rate_intervals():
-    r = rate([True] * 81)
-    assert r.value == 1 and r.high == 1 and 0.9 < r.low < 0.97  # Wilson: never degenerate at 100%
-    clustered = rate([True] * 9 + [False] * 9, clusters=["a"] * 9 + ["b"] * 9, n_boot=500)
-    plain = rate([True] * 9 + [False] * 9)
-    assert clustered.clusters == 2 and (clustered.high - clustered.low) > (plain.high - plain.low)
+def test_rates_at_zero_and_n_have_an_interval_and_print_without_collapsing():
+    full, none = rate_interval([True] * 81), rate_interval([False] * 6480)
+    assert full.value == 1 and full.hi == 1 and 0.9 < full.lo < 0.97  # Wilson: never degenerate at 100%
+    assert none.value == 0 and none.lo == 0 and 0 < none.hi < 0.001
+    assert pct(full) == "100% [95, 100]"
+    assert pct(none) == "0.0% [0.0, 0.1]"  # decimals until the ends differ: never "[0, 0]"
+    clustered = rate_interval([True] * 9 + [False] * 9, ["a"] * 9 + ["b"] * 9, n_boot=500)
+    plain = rate_interval([True] * 9 + [False] * 9)
+    assert clustered.n_clusters == 2 and clustered.width > plain.width
+
+
+def test_reidentification_bar_is_a_share_of_the_way_from_chance():
+    assert above_chance(0.5, margin=0.2) == pytest.approx(0.6)
+    assert above_chance(1 / 81) == pytest.approx(1 / 81 + REID_MARGIN * 80 / 81)
+    assert above_chance(0.0, margin=1.0) == 1.0  # the whole way: certain
 
 
 def test_splits_fall_back_to_first_photo_and_skip_unusable_datasets(tmp_path):
@@ -117,14 +163,30 @@ def test_splits_fall_back_to_first_photo_and_skip_unusable_datasets(tmp_path):
     assert any(n.startswith("single: skipped") for n in notes)
 
 
-def test_portrait_self_test_says_it_is_tiny():
+def test_portrait_self_test_is_an_illustration_without_verdict():
     src = feature_sources("dlib-resnet", layers=(), imagenet=None)
     res = one_shot_audit(None, "dlib-resnet", sources=src, n_boot=100)
-    assert "tiny self-test" in res.notes[0] and "Chance rank-1 is 50%" in res.notes[0]
+    label = illustration_label(2)
+    assert label == "Illustration only: a self-test on 2 portraits without a manifest; no verdict"
+    assert res.notes[0].startswith(label) and "Chance rank-1 is 50%" in res.notes[0]
     row = res.tables["closed_set"][0]
     assert (row["identities"], row["probes"]) == (2, 6)
-    assert row["rank1"] == 1.0  # a flipped, cropped or side-lit copy of a portrait still matches it
+    assert row["rank1"] == 1.0 and row["rank1_ci_low"] < 1.0  # a flipped, cropped or side-lit copy still matches
     assert np.isnan(row["tar_at_far_0.01"])  # 6 impostor pairs cannot resolve 1% FAR
+    # perfect matching, and still no verdict: labelled before its numbers, every status inconclusive for that reason
+    assert res.verdicts[0].startswith(label) and "not findings" in res.verdicts[0]
+    assert not any(s in v for v in res.verdicts for s in (": supported", ": not supported", ": inconclusive"))
+    assert all(d["status"] == "inconclusive" and "illustration" in d["reason"] for d in res.summary["verdicts"])
+    assert not any("not enough" in v or ": supported" in v for v in res.verdicts)
+    # the ROC's FAR axis starts where 6 impostor pairs can resolve, not at 1e-4
+    assert row["impostor_pairs"] == 6
+    assert res.summary["roc_far_axis_from"]["given images"] == pytest.approx(1 / 6) == far_axis_floor(6)
+
+
+def test_far_axis_floor_follows_the_number_of_impostor_pairs():
+    assert far_axis_floor(6) == pytest.approx(1 / 6)
+    assert far_axis_floor(6480) == pytest.approx(1 / 6480)
+    assert far_axis_floor(0) == 1.0
 
 
 def test_cli_writes_json_csv_html(tmp_path, pick_rows):

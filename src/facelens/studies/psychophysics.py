@@ -18,8 +18,17 @@ What "right" means depends on the model:
 Two numbers summarize a curve: the **criterion level**, where the rate first falls below the criterion
 (default: half-way between the clean rate and chance), linearly interpolated between sweep levels
 (NaN when the sweep never gets there); and the **normalized area under the curve**, the trapezoidal
-area over the sweep's level range divided by that range (1 = perfect at every level). The band is a
-95% percentile bootstrap over identities.
+area over the sweep's level range divided by that range (1 = perfect at every level). The band is the
+95% interval of each rate (:func:`facelens.evaluate.stats.rate_interval`: Wilson, widened to the
+identity bootstrap when a person has several probes; never of zero width).
+
+The crossing gets a 95% interval too (:func:`crossing_interval`): identities are resampled, the whole
+curve is recomputed and the crossing found again, with the criterion held at its full-sample value; its
+upper end is "beyond the sweep" when too many resamples never cross. The verdict per perturbation is
+decided on the rate at the **last level** (:func:`facelens.evaluate.verdict.decide`): "still above the
+criterion at the end of the sweep" is *supported* only when that rate's whole interval lies above the
+criterion, *not supported* when it lies below (the curve does cross it, and the crossing is quoted with its
+interval), and *inconclusive* when the interval contains the criterion or rests on fewer than 8 identities.
 
 **Herding** (Doddington's zoo, on clean probes vs the gallery): with per-identity means of genuine
 scores (its probes vs its own gallery photo), of impostor scores *against* it (other identities'
@@ -43,8 +52,10 @@ import numpy as np
 
 from ..datasets import ManifestRow, read_manifest
 from ..errors import FaceLensError
+from ..evaluate.stats import CI, Estimate, rate_interval
+from ..evaluate.verdict import Verdict, decide
 from .base import StudyResult, StudySpec, register_study
-from .bias import cluster_bootstrap, cluster_of
+from .bias import cluster_of
 from .perturbations import PERTURBATIONS, Perturbation, get_perturbation
 
 __all__ = [
@@ -53,7 +64,11 @@ __all__ = [
     "HerdMember",
     "PsychophysicsResult",
     "criterion_level",
+    "crossing_interval",
+    "curve_verdict",
+    "format_level",
     "herding",
+    "item_response_curve",
     "item_response_curves",
     "normalized_auc",
     "run_psychophysics",
@@ -97,9 +112,79 @@ def normalized_auc(levels: Sequence[float] | np.ndarray, rates: Sequence[float] 
     return float(np.sum((r[1:] + r[:-1]) / 2 * np.diff(lv)) / (lv[-1] - lv[0]))
 
 
+def _crossing_positions(rates: np.ndarray, criterion: float) -> np.ndarray:
+    """Per row of ``rates`` (replicates × levels): the fractional sweep position where the rate first falls
+    below ``criterion`` (as :func:`criterion_level`), +inf when it never does."""
+    r = np.atleast_2d(np.asarray(rates, np.float64))
+    below = r < criterion
+    crossed = below.any(1)
+    k = np.where(crossed, below.argmax(1), 0)
+    rows = np.arange(len(r))
+    r0 = r[rows, np.maximum(k - 1, 0)]
+    r1 = r[rows, k]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = np.where(r0 != r1, (r0 - criterion) / (r0 - r1), 0.0)
+    pos = np.where(k == 0, 0.0, k - 1 + t)
+    return np.where(crossed, pos, np.inf)
+
+
+def _level_at(levels: np.ndarray, pos: float) -> float:
+    """The level at a fractional sweep position (linear between neighbouring levels)."""
+    k = int(np.clip(np.floor(pos), 0, len(levels) - 1))
+    if k >= len(levels) - 1:
+        return float(levels[-1])
+    return float(levels[k] + (pos - k) * (levels[k + 1] - levels[k]))
+
+
+def crossing_interval(levels: Sequence[float] | np.ndarray, hits: np.ndarray, clusters: Sequence[str] | np.ndarray,
+                      criterion: float, *, n_boot: int = 1000, seed: int = 0,
+                      ci: float = CI) -> tuple[float, float, bool]:
+    """The ``ci`` interval of the criterion level: a percentile bootstrap over identities.
+
+    ``hits`` is probes × levels (1 = right). Each replicate resamples identities with their probes,
+    recomputes the rate at every level and finds the crossing again (criterion held fixed). Returns
+    ``(low, high, beyond)`` in sweep order (for decreasing levels such as JPEG quality ``low`` is the larger
+    number): ``beyond`` is True when the far end lies past the sweep (too many replicates never fall below
+    the criterion), and ``high`` is then NaN. When every replicate crosses at the same point (the rate jumps
+    across the criterion between two levels for everyone), the interval is the two sweep levels around it:
+    the sweep resolves no finer than its grid. ``(NaN, NaN, True)`` when no replicate crosses at all.
+    """
+    lv = np.asarray(levels, np.float64)
+    h = np.asarray(hits, np.float64)
+    _, inv = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    per_hits = np.stack([np.bincount(inv, weights=h[:, j]) for j in range(h.shape[1])], axis=1)
+    per_n = np.bincount(inv).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(per_n), size=(n_boot, len(per_n)))
+    rates = per_hits[idx].sum(1) / per_n[idx].sum(1)[:, None]
+    pos = _crossing_positions(rates, criterion)
+    a = (1.0 - ci) / 2
+    lo_pos = float(np.quantile(pos, a, method="inverted_cdf"))
+    hi_pos = float(np.quantile(pos, 1 - a, method="inverted_cdf"))
+    if not np.isfinite(lo_pos):
+        return float("nan"), float("nan"), True
+    if hi_pos == lo_pos:  # no spread: the grid is the resolution
+        lo_pos, hi_pos = (lo_pos - 1, lo_pos + 1) if lo_pos == np.floor(lo_pos) else \
+            (float(np.floor(lo_pos)), float(np.ceil(lo_pos)))
+        lo_pos, hi_pos = max(lo_pos, 0.0), min(hi_pos, len(lv) - 1.0)
+    if not np.isfinite(hi_pos):
+        return _level_at(lv, lo_pos), float("nan"), True
+    return _level_at(lv, lo_pos), _level_at(lv, hi_pos), False
+
+
+def format_level(x: float) -> str:
+    """A sweep level to two significant figures (whole numbers from 10 up): the crossing is interpolated
+    between sweep levels and rests on a few dozen people, so a third figure would be noise."""
+    if not np.isfinite(x):
+        return "n/a"
+    if abs(x) >= 10:
+        return f"{x:.0f}"
+    return f"{float(f'{x:.2g}'):g}"
+
+
 @dataclass
 class Curve:
-    """One item-response curve: the rate (with a bootstrap band) at each level of one perturbation."""
+    """One item-response curve: the rate (with its 95% interval) at each level of one perturbation, the
+    criterion crossing with its interval, and the verdict on the last level (see the module docstring)."""
 
     perturbation: str
     unit: str
@@ -113,17 +198,76 @@ class Curve:
     criterion: float
     criterion_level: float
     auc: float
+    n_identities: int = 0
+    crossing_from: float = float("nan")  # the crossing's 95% interval in sweep order (JPEG: from ≥ to)
+    crossing_to: float = float("nan")
+    crossing_beyond: bool = False
+    verdict: Verdict | None = None
+    clean_ci: tuple[float, float] = (float("nan"), float("nan"))  # the clean rate's 95% interval
 
     def rows(self) -> list[dict[str, Any]]:
         return [{"perturbation": self.perturbation, "level": float(lv), "unit": self.unit, "rate": float(r),
-                 "ci_low": float(a), "ci_high": float(b), "n": self.n}
+                 "ci_low": float(a), "ci_high": float(b), "n": self.n, "identities": self.n_identities}
                 for lv, r, a, b in zip(self.levels, self.rates, self.lo, self.hi, strict=True)]
 
     def summary(self) -> dict[str, Any]:
+        """Flat (CSV-friendly): a crossing whose upper end lies past the sweep has ``criterion_level_ci_high``
+        NaN and ``crossing_beyond_sweep`` True."""
         return {"perturbation": self.perturbation, "unit": self.unit, "criterion": self.criterion,
-                "criterion_level": self.criterion_level, "auc": self.auc, "clean_rate": self.clean_rate,
-                "chance": self.chance, "rate_at_last_level": float(self.rates[-1]),
-                "last_level": float(self.levels[-1]), "n": self.n}
+                "criterion_level": self.criterion_level, **self._crossing_bounds(),
+                "crossing_beyond_sweep": self.crossing_beyond,
+                "auc": self.auc, "clean_rate": self.clean_rate, "clean_rate_ci_low": float(self.clean_ci[0]),
+                "clean_rate_ci_high": float(self.clean_ci[1]), "chance": self.chance,
+                "rate_at_last_level": float(self.rates[-1]), "rate_at_last_level_ci_low": float(self.lo[-1]),
+                "rate_at_last_level_ci_high": float(self.hi[-1]), "last_level": float(self.levels[-1]),
+                "n": self.n, "identities": self.n_identities,
+                "still_above_at_last_level": self.verdict.status if self.verdict else None}
+
+    def _crossing_bounds(self) -> dict[str, float]:
+        """The crossing interval as numeric low/high (the side past the sweep's end is NaN)."""
+        ends = [self.crossing_from, self.levels[-1] if self.crossing_beyond else self.crossing_to]
+        lo, hi = min(ends), max(ends)
+        increasing = self.levels[-1] >= self.levels[0]
+        if self.crossing_beyond:
+            lo, hi = (lo, float("nan")) if increasing else (float("nan"), hi)
+        return {"criterion_level_ci_low": float(lo), "criterion_level_ci_high": float(hi)}
+
+    def crossing_text(self) -> str:
+        """``0.14 (95% interval 0.13 to 0.16)`` in numeric order, or ``… from 6 to beyond the end of the sweep``,
+        at two significant figures."""
+        x = format_level(self.criterion_level)
+        if not np.isfinite(self.crossing_from):
+            return x
+        if self.crossing_beyond:
+            return f"{x} (95% interval from {format_level(self.crossing_from)} to beyond the end of the sweep)"
+        lo, hi = sorted((self.crossing_from, self.crossing_to))
+        return f"{x} (95% interval {format_level(lo)} to {format_level(hi)})"
+
+    def sentence(self) -> str:
+        """The verdict sentence, then plain words that follow from its status alone, then the AUC."""
+        if self.verdict is None:
+            return f"{self.perturbation}: no verdict."
+        status = self.verdict.status
+        if status == "supported" and np.isfinite(self.criterion_level):  # a curve that dips and recovers
+            words = (f"The rate is above the criterion at the end of the sweep, though its point estimate dips "
+                     f"below it on the way, at {self.unit} = {format_level(self.criterion_level)}.")
+        elif status == "supported":
+            words = (f"The rate stays above the criterion over the whole sweep, to {self.unit} = "
+                     f"{format_level(self.levels[-1])}.")
+        elif status == "not supported":
+            words = f"It falls below the criterion at {self.unit} = {self.crossing_text()}."
+        else:
+            words = "Whether it falls below the criterion within the sweep cannot be told from these photos"
+            words += (f"; the point estimate crosses at {self.unit} = {self.crossing_text()}."
+                      if np.isfinite(self.criterion_level) else ".")
+        return f"{self.verdict.sentence()} {words} Normalized AUC {self.auc:.2f}."
+
+
+def curve_verdict(perturbation: str, last: Estimate, criterion: float, last_level: float, unit: str,
+                  what: str = "rate") -> Verdict:
+    """The claim "the rate is still above the criterion at the end of the sweep", decided on its interval."""
+    return decide(f"{perturbation}: the {what} is still above the criterion {criterion:.3f} at the end of the "
+                  f"sweep ({unit} = {format_level(last_level)})", last, criterion, unit="identities")
 
 
 @dataclass(frozen=True)
@@ -242,21 +386,27 @@ def _variants(sweeps: dict[str, tuple[float, ...]], occlusion_mode: str, seed: i
     return variants
 
 
-def _curve(p: Perturbation, levels: Sequence[float], correct: dict[str, np.ndarray], clusters: np.ndarray,
-           chance: float, criterion: float | None, n_boot: int, seed: int) -> Curve:
-    rates, lo, hi = [], [], []
-    for k, lv in enumerate(levels):
-        key = "original" if (lv == p.none and p.is_identity_at_none) else p.label(lv)
-        e = cluster_bootstrap(correct[key], None, clusters, n_boot=n_boot, seed=seed + k)
-        rates.append(e.value)
-        lo.append(e.lo)
-        hi.append(e.hi)
-    clean = float(np.mean(correct["original"]))
+def item_response_curve(p: Perturbation, levels: Sequence[float], correct: dict[str, np.ndarray],
+                        clusters: np.ndarray, chance: float, criterion: float | None, n_boot: int, seed: int,
+                        what: str = "rate") -> Curve:
+    """One perturbation's curve from per-probe hits (``correct[variant]``, 1 = right) and each probe's identity:
+    rates with intervals, the criterion (default half-way from the clean rate to ``chance``), the crossing with
+    its interval, and the verdict on the last level."""
+    estimates: list[Estimate] = []
+    keys = ["original" if (lv == p.none and p.is_identity_at_none) else p.label(lv) for lv in levels]
+    for k, key in enumerate(keys):
+        estimates.append(rate_interval(correct[key], clusters, n_boot=n_boot, seed=seed + k))
+    clean_e = rate_interval(correct["original"], clusters, n_boot=n_boot, seed=seed)
+    clean = clean_e.value
     crit = chance + 0.5 * (clean - chance) if criterion is None else float(criterion)
     lv = np.asarray(levels, np.float64)
-    r = np.asarray(rates)
-    return Curve(p.name, p.unit, lv, r, np.asarray(lo), np.asarray(hi), len(clusters), clean, float(chance), crit,
-                 criterion_level(lv, r, crit), normalized_auc(lv, r))
+    r = np.asarray([e.value for e in estimates])
+    hits = np.stack([np.asarray(correct[key], np.float64) for key in keys], axis=1)
+    lo, hi, beyond = crossing_interval(lv, hits, clusters, crit, n_boot=n_boot, seed=seed)
+    return Curve(p.name, p.unit, lv, r, np.asarray([e.lo for e in estimates]), np.asarray([e.hi for e in estimates]),
+                 len(clusters), clean, float(chance), crit, criterion_level(lv, r, crit), normalized_auc(lv, r),
+                 estimates[-1].n_clusters, lo, hi, beyond,
+                 curve_verdict(p.name, estimates[-1], crit, float(lv[-1]), p.unit, what), (clean_e.lo, clean_e.hi))
 
 
 def item_response_curves(rows: Sequence[ManifestRow], model_name: str, *,
@@ -291,7 +441,8 @@ def item_response_curves(rows: Sequence[ManifestRow], model_name: str, *,
         correct = {k: (v == top["original"]).astype(float) for k, v in top.items()}
         chance = float(np.bincount(top["original"]).max() / len(top["original"]))
         clusters = np.array([cluster_of(r) for r in res.rows], dtype=object)
-        curves = {n: _curve(PERTURBATIONS[n], lv, correct, clusters, chance, criterion, n_boot, seed)
+        curves = {n: item_response_curve(PERTURBATIONS[n], lv, correct, clusters, chance, criterion, n_boot, seed,
+                                         "agreement with the clean answer")
                   for n, lv in sweeps.items()}
         return PsychophysicsResult(model_name, "agreement", curves, None, 0, len(res.records), None, failures,
                                    time.perf_counter() - t0)
@@ -341,7 +492,8 @@ def item_response_curves(rows: Sequence[ManifestRow], model_name: str, *,
     else:
         impostor = clean_scores[p_ids[:, None] != np.array(g_ids, dtype=object)[None, :]]
         chance = float(np.mean(impostor >= threshold))
-    curves = {n: _curve(PERTURBATIONS[n], lv, correct, p_ids, chance, criterion, n_boot, seed)
+    what = "rank-1 rate" if mode == "identification" else "genuine accept rate"
+    curves = {n: item_response_curve(PERTURBATIONS[n], lv, correct, p_ids, chance, criterion, n_boot, seed, what)
               for n, lv in sweeps.items()}
     with_probe = [j for j, g in enumerate(g_ids) if g in set(p_ids)]
     herd = herding(clean_scores[:, with_probe], list(p_ids), [g_ids[j] for j in with_probe], herd_quantile) \
@@ -370,12 +522,17 @@ def _curves_figure(res: PsychophysicsResult) -> np.ndarray:
         ax.axhline(c.criterion, color="#c0392b", ls="--", lw=1)
         if np.isfinite(c.criterion_level):
             ax.axvline(c.criterion_level, color="#c0392b", lw=1, alpha=0.6)
+            if np.isfinite(c.crossing_from):  # the crossing's interval, to the sweep's end when it lies beyond
+                ax.axvspan(c.crossing_from, c.levels[-1] if c.crossing_beyond else c.crossing_to, color="#c0392b",
+                           alpha=0.12, lw=0)
         if c.levels[-1] < c.levels[0]:
             ax.invert_xaxis()  # destruction always grows to the right
-        lvl = "not reached" if not np.isfinite(c.criterion_level) else f"reached at {c.criterion_level:.3g}"
-        ax.set_title(f"{c.perturbation}: criterion {lvl}, AUC {c.auc:.2f}", fontsize=8)
+        status = c.verdict.status if c.verdict else "inconclusive"
+        lvl = {"supported": "above criterion at the end",
+               "not supported": f"crosses at {format_level(c.criterion_level)}"}.get(status, "crossing undecided")
+        ax.set_title(f"{c.perturbation}: {lvl}, AUC {c.auc:.2f}", fontsize=8)
         ax.set_xlabel(c.unit, fontsize=7)
-        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(curves):]:
@@ -383,8 +540,9 @@ def _curves_figure(res: PsychophysicsResult) -> np.ndarray:
     if len(curves) < rows * cols:
         ax = list(axes.flat)[len(curves)]
         ax.plot([], [], "o-", color="#1f4e79", label=f"{res.mode} rate")
-        ax.fill_between([], [], [], color="#3498db", alpha=0.25, label="95% interval (by identity)")
+        ax.fill_between([], [], [], color="#3498db", alpha=0.25, label="95% interval of each rate")
         ax.plot([], [], ls="--", color="#c0392b", label="criterion")
+        ax.fill_between([], [], [], color="#c0392b", alpha=0.12, label="95% interval of the crossing")
         ax.plot([], [], ls=":", color="grey", label="chance")
         ax.legend(loc="center", fontsize=8, frameon=False)
     axes.flat[0].set_ylabel(f"{res.mode} rate", fontsize=8)
@@ -485,20 +643,22 @@ def run_psychophysics(args: argparse.Namespace) -> StudyResult:
     what = {"identification": f"rank-1 identification against a clean gallery of {res.n_gallery} people",
             "verification": "genuine pairs accepted at the model's threshold",
             "agreement": "agreement with the model's answer on the clean photo"}[res.mode]
-    out.verdicts.append(f"{args.model}, {what}: clean rate {clean.clean_rate:.3f} on {res.n_probes} probes, "
-                        f"chance {clean.chance:.3f}.")
+    clean_ci = f" [{clean.clean_ci[0]:.3f}, {clean.clean_ci[1]:.3f}]"
+    out.verdicts.append(f"{args.model}, {what}: clean rate {clean.clean_rate:.3f}{clean_ci} on {res.n_probes} probes "
+                        f"of {clean.n_identities} identities, chance {clean.chance:.3f}; criterion "
+                        f"{clean.criterion:.3f}.")
     for c in res.curves.values():
-        if np.isfinite(c.criterion_level):
-            out.verdicts.append(f"{c.perturbation}: the rate falls below {c.criterion:.3f} at {c.criterion_level:.3g} "
-                                f"({c.unit}); normalized AUC {c.auc:.3f}.")
-        else:
-            out.verdicts.append(f"{c.perturbation}: the rate stays above {c.criterion:.3f} over the whole sweep (to "
-                                f"{c.levels[-1]:g} {c.unit}, rate {c.rates[-1]:.3f}); normalized AUC {c.auc:.3f}.")
+        out.verdicts.append(c.sentence())
+    out.summary["verdicts"] = [{"perturbation": n, **c.verdict.as_dict()} for n, c in res.curves.items()
+                               if c.verdict is not None]
     out.add_figure("curves", _curves_figure(res),
                    f"How the model's {res.mode} rate falls as each image degradation gets stronger (one panel per "
-                   "degradation; the unaltered photo is the first point). The band is a 95% bootstrap interval over "
-                   "people, the dotted line is chance, the dashed red line the criterion and the vertical red line "
-                   "the level at which the rate crosses it. AUC 1 means no loss at any level.")
+                   "degradation; the unaltered photo is the first point). The blue band is the 95% interval of "
+                   "each rate (Wilson, widened to a bootstrap over people), the dotted line is chance, the dashed "
+                   "red line the criterion, the vertical red line the level at which the rate crosses it and the "
+                   "pale red span that level's 95% interval (resampling people). A title says 'above criterion at "
+                   "the end' only when the whole interval at the last level is above the criterion, and 'crossing "
+                   "undecided' when that interval contains it. AUC 1 means no loss at any level.")
     if res.mode != "agreement":
         _, probes = split_gallery_probes(rows, args.probes_per_identity, args.max_identities or None, args.seed)
         sweeps = {n: tuple(c.levels) for n, c in res.curves.items()}
@@ -521,9 +681,14 @@ def run_psychophysics(args: argparse.Namespace) -> StudyResult:
                        f"many others (their photo scores high against others); tails are the {args.herd_quantile:g} "
                        "quantiles, and sheep are everyone else.")
     out.notes.append(f"Curves: {what}. Criterion level = where the rate first falls below the criterion (default "
-                     "half-way between the clean rate and chance), linearly interpolated between sweep levels. "
-                     "AUC = trapezoidal area under rate vs level divided by the level range (1 = no loss at any "
-                     "level). Bands: 95% percentile bootstrap over identities.")
+                     "half-way between the clean rate and chance), linearly interpolated between sweep levels and "
+                     "quoted to two significant figures with a 95% interval from resampling identities (the "
+                     "criterion held fixed). AUC = trapezoidal area under rate vs level divided by the level range "
+                     "(1 = no loss at any level). Bands: 95% Wilson intervals, widened to the identity bootstrap "
+                     "where a person has several probes. Verdict per degradation: 'still above the criterion at the "
+                     "end of the sweep' is supported only when the whole interval of the rate at the last level lies "
+                     "above the criterion, not supported when it lies below, and inconclusive when it contains the "
+                     "criterion or rests on fewer than 8 identities.")
     out.notes.append("Herding: an identity is a goat when its mean genuine score is in the lowest quantile, a lamb "
                      "when the mean impostor score against it is in the highest, a wolf when its own mean impostor "
                      "score as a probe is in the highest; the first of goat, lamb, wolf wins, the rest are sheep.")

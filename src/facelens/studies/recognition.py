@@ -17,8 +17,13 @@ The protocol every face study here shares (the anonymization audit re-uses it fo
   torchvision ImageNet network's 25,088-d VGG16 ``pool5`` features with 1-NN (the workshop's KNN) when
   its weights are in torchvision's cache (never downloaded).
 
-Rates come with 95 % intervals (:func:`rate`): Wilson on the probes, widened to an identity-cluster
-bootstrap when an identity has several probes (ORL: its 9 photos are not independent trials).
+Rates come with 95 % intervals (:func:`facelens.evaluate.stats.rate_interval`): Wilson on the probes,
+widened to an identity-cluster bootstrap when an identity has several probes (ORL: its 9 photos are not
+independent trials); never of zero width, also at 0/n and n/n. Verdicts come from
+:func:`facelens.evaluate.verdict.decide` on those intervals: "identifies people" means rank-1 above chance
+plus :data:`REID_MARGIN` of the way from chance to certain (:func:`above_chance`), and "rejects strangers"
+means fewer than :data:`OPEN_SET_MAX_FALSE_ALARM` of the stranger photos are accepted. The self-test
+without a manifest (:data:`ILLUSTRATION`) is labelled an illustration and gives no verdict.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +42,8 @@ import numpy as np
 
 from ..datasets import ManifestRow, read_manifest
 from ..errors import FaceLensError
-from ..evaluate.bootstrap import percentile_interval, resampled_ratios
+from ..evaluate.stats import Estimate, rate_interval
+from ..evaluate.verdict import Verdict, decide
 from ..evaluate.verification import roc, verification_rates
 from ..matching import Matcher, Metric, pairwise_scores
 from .base import StudyResult, StudySpec, register_study
@@ -49,15 +55,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALTERATIONS",
+    "ILLUSTRATION",
+    "REID_MARGIN",
     "FeatureSource",
     "OneShotSplit",
-    "Rate",
+    "above_chance",
+    "columns",
+    "far_axis_floor",
     "feature_sources",
+    "illustration_label",
     "images_to_rows",
     "one_shot_audit",
     "one_shot_splits",
     "open_set",
-    "rate",
 ]
 
 FARS: tuple[float, ...] = (1e-2, 1e-3)
@@ -65,66 +75,50 @@ CALIBRATION_FAR = 1e-2
 VGG_POOL5 = "model.features.30"  # VGG16's last max-pool: 512×7×7 = 25,088 features
 
 
-# -- rates with intervals ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rate:
-    """A proportion ``k / n`` with a 95 % interval; ``clusters`` = independent units (identities)."""
-
-    k: int
-    n: int
-    low: float
-    high: float
-    clusters: int
-
-    @property
-    def value(self) -> float:
-        return self.k / self.n if self.n else float("nan")
-
-    def text(self, unit: str = "probes") -> str:
-        if not self.n:
-            return f"n/a (0 {unit})"
-        extra = f" of {self.clusters} identities" if self.clusters != self.n else ""
-        return (f"{100 * self.value:.0f}% (95% CI {100 * self.low:.0f}–{100 * self.high:.0f}%, "
-                f"n = {self.n} {unit}{extra})")
-
-    def as_dict(self, prefix: str) -> dict[str, Any]:
-        return {prefix: self.value, f"{prefix}_ci_low": self.low, f"{prefix}_ci_high": self.high}
+# -- rates, thresholds and wording shared with the anonymization audit -------------------------------------
+#: "identifies people" / "still re-identifies": rank-1 at least this share of the way from chance to certain
+REID_MARGIN = 0.2
+#: "rejects strangers": the share of stranger photos accepted as someone must stay below this
+OPEN_SET_MAX_FALSE_ALARM = 0.05
+#: the label of every result of the no-manifest self-test ({n}: the number of portraits)
+ILLUSTRATION = "Illustration only: a self-test on {n} portraits without a manifest; no verdict"
 
 
-def rate(hits: Sequence[bool] | np.ndarray, clusters: Sequence[Hashable] | None = None, *,
-         n_boot: int = 1000, seed: int = 0) -> Rate:
-    """``mean(hits)`` with a 95 % interval: scipy's Wilson score interval (never degenerate at 0 or 100 %),
-    widened to the identity-cluster bootstrap percentile interval when clusters repeat (correlated trials).
+def illustration_label(n_images: int) -> str:
+    """The words that open every self-test result: it illustrates the pipeline and decides nothing."""
+    return ILLUSTRATION.format(n=n_images)
+
+
+def above_chance(chance: float, margin: float = REID_MARGIN) -> float:
+    """The rate a claim of identification must exceed: ``margin`` of the way from ``chance`` to certain.
+
+    A bare "above chance" would call 2/81 a re-identification; a fixed share of the remaining range keeps
+    the bar meaningful whether chance is 1 % (81 people) or 50 % (2 people).
     """
-    from scipy.stats import binomtest
-
-    h = np.asarray(hits, bool).ravel()
-    n, k = len(h), int(h.sum())
-    if n == 0:
-        return Rate(0, 0, float("nan"), float("nan"), 0)
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    low, high = float(ci.low), float(ci.high)
-    labels = list(clusters) if clusters is not None else list(range(n))
-    uniq: dict[Hashable, int] = {}
-    idx = np.array([uniq.setdefault(c, len(uniq)) for c in labels])
-    if len(uniq) < n and len(uniq) > 1 and n_boot > 0:
-        per_hits = np.bincount(idx, weights=h.astype(float), minlength=len(uniq))
-        per_n = np.bincount(idx, minlength=len(uniq)).astype(float)
-        boot_low, boot_high = percentile_interval(resampled_ratios(per_hits, per_n, n_boot,
-                                                                   np.random.default_rng(seed)))
-        low, high = min(low, boot_low), max(high, boot_high)
-    return Rate(k, n, low, high, len(uniq))
+    return float(chance + margin * (1.0 - chance))
 
 
-def mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean with a 95 % bootstrap percentile interval (each value its own unit)."""
-    v = np.asarray(values, np.float64).ravel()
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    if len(v) == 1 or n_boot <= 0:
-        return float(v.mean()), float("nan"), float("nan")
-    low, high = percentile_interval(resampled_ratios(v, np.ones_like(v), n_boot, np.random.default_rng(seed)))
-    return float(v.mean()), low, high
+def columns(prefix: str, e: Estimate) -> dict[str, Any]:
+    """Table columns of an estimate: ``prefix``, ``prefix_ci_low``, ``prefix_ci_high`` (CSV-friendly)."""
+    return {prefix: e.value, f"{prefix}_ci_low": e.lo, f"{prefix}_ci_high": e.hi}
+
+
+def pct(e: Estimate) -> str:
+    """``93% [85, 97]`` for a rate: percentages read more easily in a sentence than proportions. Decimals are
+    added until the two ends differ, so a narrow interval (0 of 6,480 pairs) never prints as ``[0, 0]``."""
+    if not np.isfinite(e.value):
+        return "n/a"
+    if not e.finite:
+        return f"{100 * e.value:.0f}% [no interval]"
+    d = 0
+    while d < 3 and f"{100 * e.lo:.{d}f}" == f"{100 * e.hi:.{d}f}":
+        d += 1
+    return f"{100 * e.value:.{d}f}% [{100 * e.lo:.{d}f}, {100 * e.hi:.{d}f}]"
+
+
+def far_axis_floor(n_impostor: int) -> float:
+    """The smallest false accept rate an ROC axis may show: 1 / the number of impostor pairs (what they resolve)."""
+    return 1.0 / max(int(n_impostor), 1)
 
 
 # -- gallery / probe split --------------------------------------------------------------------------------
@@ -289,9 +283,9 @@ class OpenSet:
 
     threshold: float
     how: str
-    dir: Rate  # known probes: right identity and accepted
-    detection: Rate  # known probes: accepted at all
-    false_alarm: Rate  # unknown probes: accepted as someone
+    dir: Estimate  # known probes: right identity and accepted
+    detection: Estimate  # known probes: accepted at all
+    false_alarm: Estimate  # unknown probes: accepted as someone (units: the unknown identities)
     n_known_ids: int
     n_unknown_ids: int
     curve: tuple[np.ndarray, np.ndarray] = field(default_factory=lambda: (np.zeros(0), np.zeros(0)))
@@ -304,7 +298,8 @@ class OpenSet:
 
 
 def open_set(gallery: np.ndarray, gallery_labels: Sequence[str], probes: np.ndarray, probe_labels: Sequence[str],
-             source: FeatureSource, *, unknown_fraction: float = 0.3, seed: int = 0) -> OpenSet | None:
+             source: FeatureSource, *, unknown_fraction: float = 0.3, seed: int = 0,
+             n_boot: int = 1000) -> OpenSet | None:
     """Hold out a seeded share of identities as unknowns and score the watch list (see the module docstring)."""
     ids = sorted(set(gallery_labels))
     n_unknown = round(unknown_fraction * len(ids))
@@ -336,8 +331,10 @@ def open_set(gallery: np.ndarray, gallery_labels: Sequence[str], probes: np.ndar
     dir_at = np.array([((best_known >= t) & right).mean() for t in ts])
     curve_far = np.unique(fa_at)  # best DIR reachable at each false alarm rate
     curve_dir = np.array([dir_at[fa_at <= f].max() for f in curve_far])
-    return OpenSet(thr, how, rate((best_known >= thr) & right, kl), rate(best_known >= thr, kl),
-                   rate(best_unknown >= thr, ul), len(set(gl)), len(unknown), (curve_far, curve_dir))
+    opts = dict(n_boot=n_boot, seed=seed)
+    return OpenSet(thr, how, rate_interval((best_known >= thr) & right, kl, **opts),
+                   rate_interval(best_known >= thr, kl, **opts), rate_interval(best_unknown >= thr, ul, **opts),
+                   len(set(gl)), len(unknown), (curve_far, curve_dir))
 
 
 # -- the no-manifest variant: portraits against altered copies of themselves --------------------------------
@@ -408,10 +405,12 @@ def is_rows(items: Any) -> bool:
 
 
 def tiny_note(n_images: int, n_probes: int, study: str = "one-shot") -> str:
-    return (f"This is a tiny self-test, not a measurement: {n_images} photos, each enrolled as its own identity and "
-            f"probed with {n_probes} altered copies of itself ({', '.join(ALTERATIONS)}) — the same shot, not a "
-            f"second photo. Chance rank-1 is {100 / max(n_images, 1):.0f}%. It shows the pipeline runs; for real "
-            f"numbers run `facelens audit {study} --manifest ../shared/faces/manifest.csv`.")
+    """The note that opens a self-test result: what was compared, and that it decides nothing."""
+    return (f"{illustration_label(n_images)}. Each photo is enrolled as its own identity and probed with "
+            f"{n_probes} altered copies of itself ({', '.join(ALTERATIONS)}) — the same shot, not a second photo, "
+            f"so matching them says nothing about recognizing people. Chance rank-1 is "
+            f"{100 / max(n_images, 1):.0f}%. It shows the pipeline runs; for real numbers run "
+            f"`facelens audit {study} --manifest ../shared/faces/manifest.csv`.")
 
 
 # -- the study --------------------------------------------------------------------------------------------
@@ -436,11 +435,12 @@ def one_shot_audit(rows_or_images: Sequence[ManifestRow] | Sequence[Any] | None 
                    reference_subset: str | None = None, probe_subset: str | None = None,
                    unknown_fraction: float = 0.3, executor: str = "local", address: str | None = None,
                    batch_size: int = 16, seed: int = 0, n_boot: int = 1000) -> StudyResult:
-    """One-shot recognition on manifest rows (the dataset study) or on a few images (a tiny self-test).
+    """One-shot recognition on manifest rows (the dataset study) or on a few images (an illustration).
 
     With images (arrays, paths or :class:`~facelens.portraits.Portrait`; ``None`` = the two default
     portraits) each image is its own identity, enrolled unaltered and probed with altered copies of itself
-    (:data:`ALTERATIONS`); the result says plainly how small that test is.
+    (:data:`ALTERATIONS`); every result is labelled an illustration and no verdict is given, because a
+    copy of the same shot is not a second photo of a person.
     """
     start = time.perf_counter()
     if rows_or_images is None:
@@ -453,17 +453,29 @@ def one_shot_audit(rows_or_images: Sequence[ManifestRow] | Sequence[Any] | None 
             raise FaceLensError("one-shot matching needs at least 2 images (2 identities)")
         with tempfile.TemporaryDirectory(prefix="facelens-oneshot-") as tmp:
             rows = images_to_rows(images, tmp)
-            result = one_shot_audit(rows, model, sources=sources, reference_subset="reference",
+            result = _one_shot_rows(rows, model, sources=sources, reference_subset="reference",
                                     probe_subset="altered", unknown_fraction=1 / len(images), executor="local",
-                                    batch_size=batch_size, seed=seed, n_boot=n_boot)
+                                    address=None, batch_size=batch_size, seed=seed, n_boot=n_boot,
+                                    illustration=len(images))
         result.notes.insert(0, tiny_note(len(images), len(ALTERATIONS)))
-        result.verdicts = [f"Tiny self-test ({len(images)} identities): " + v for v in result.verdicts]
         result.failures = [{"path": Path(f["path"]).name.split("__")[0], "reason": f["reason"]}
                            for f in result.failures]
         result.settings["input"] = f"{len(images)} given images with {len(ALTERATIONS)} altered copies each"
         result.seconds = time.perf_counter() - start
         return result
-    rows = list(rows_or_images)  # type: ignore[arg-type]
+    result = _one_shot_rows(list(rows_or_images), model, sources=sources,  # type: ignore[arg-type]
+                            reference_subset=reference_subset, probe_subset=probe_subset,
+                            unknown_fraction=unknown_fraction, executor=executor, address=address,
+                            batch_size=batch_size, seed=seed, n_boot=n_boot, illustration=0)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _one_shot_rows(rows: list[ManifestRow], model: str | FaceModel, *, sources: Sequence[FeatureSource] | None,
+                   reference_subset: str | None, probe_subset: str | None, unknown_fraction: float, executor: str,
+                   address: str | None, batch_size: int, seed: int, n_boot: int,
+                   illustration: int) -> StudyResult:
+    """The dataset study on manifest rows; ``illustration`` = the number of self-test portraits (0: a real run)."""
     notes: list[str] = []
     srcs = list(sources) if sources is not None else feature_sources(model, notes=notes)
     model_name = model if isinstance(model, str) else model.name
@@ -485,10 +497,14 @@ def one_shot_audit(rows_or_images: Sequence[ManifestRow] | Sequence[Any] | None 
 
     res = StudyResult("one-shot", model_name, settings={
         "features": [s.name for s in srcs], "metrics": {s.name: s.metric for s in srcs},
-        "unknown_fraction": unknown_fraction, "seed": seed, "fars": list(FARS)})
+        "unknown_fraction": unknown_fraction, "seed": seed, "fars": list(FARS), "reid_margin": REID_MARGIN,
+        "open_set_max_false_alarm": OPEN_SET_MAX_FALSE_ALARM})
     table: list[dict[str, Any]] = []
     open_rows: list[dict[str, Any]] = []
+    decided: list[dict[str, Any]] = []
     curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, OpenSet | None]]] = defaultdict(list)
+    impostor_pairs: dict[str, int] = {}
+    opts = dict(n_boot=n_boot, seed=seed)
     for split in splits:
         refs = [i for i in split.references if rows[i].path in ok]
         lost_ids = {rows[i].identity for i in split.references if rows[i].path not in ok}
@@ -502,38 +518,59 @@ def one_shot_audit(rows_or_images: Sequence[ManifestRow] | Sequence[Any] | None 
         g_labels = [str(rows[i].identity) for i in refs]
         p_labels = [str(rows[i].identity) for i in probes]
         res.settings.setdefault("protocol", {})[split.dataset] = split.rule
+        imp = np.zeros(0)
         for src in srcs:
             rec = records[src]
             gallery = np.stack([src.features(rec[rows[i].path]) for i in refs])
             queries = np.stack([src.features(rec[rows[i].path]) for i in probes])
             ms = MatchScores(pairwise_scores(queries, gallery, src.metric), p_labels, g_labels)
-            r1 = rate(ms.rank1_hits(), p_labels, n_boot=n_boot, seed=seed)
+            r1 = rate_interval(ms.rank1_hits(), p_labels, **opts)
             gen, imp = ms.genuine_impostor()
+            imp_owner = np.broadcast_to(np.asarray(p_labels, dtype=object)[:, None], ms.scores.shape)[~ms.mates]
             thr, how = score_threshold(src, imp)
             vr = verification_rates(gen, imp, fars=FARS, score_threshold=thr)
+            tar_thr = rate_interval(gen >= thr, ms.probe_labels, **opts)
+            far_thr = rate_interval(imp >= thr, imp_owner, **opts)
+            chance = 1 / len(refs)
             row: dict[str, Any] = {"dataset": split.dataset, "features": src.name, "dims": int(gallery.shape[1]),
                                    "metric": src.metric, "identities": len(refs), "probes": len(probes),
-                                   **r1.as_dict("rank1"), "chance_rank1": 1 / len(refs), "auc": vr.auc,
-                                   "eer": vr.eer}
+                                   **columns("rank1", r1), "chance_rank1": chance, "auc": vr.auc, "eer": vr.eer}
             for f in FARS:
                 row[f"tar_at_far_{f:g}"] = vr.tar_at_far[f]
-            row.update(threshold=how, tar_at_threshold=vr.tar_at_threshold, far_at_threshold=vr.far_at_threshold,
-                       genuine_pairs=len(gen), impostor_pairs=len(imp))
-            table.append(row)
-            os_ = open_set(gallery, g_labels, queries, p_labels, src, unknown_fraction=unknown_fraction, seed=seed)
+            row.update(threshold=how, **columns("tar_at_threshold", tar_thr),
+                       **columns("far_at_threshold", far_thr), genuine_pairs=len(gen), impostor_pairs=len(imp))
+            os_ = open_set(gallery, g_labels, queries, p_labels, src, unknown_fraction=unknown_fraction, **opts)
             if os_ is not None:
                 open_rows.append({"dataset": split.dataset, "features": src.name, "threshold": os_.how,
                                   "known_identities": os_.n_known_ids, "unknown_identities": os_.n_unknown_ids,
                                   "known_probes": os_.dir.n, "unknown_probes": os_.false_alarm.n,
-                                  **os_.dir.as_dict("detect_identify_rate"), **os_.detection.as_dict("detection_rate"),
-                                  **os_.false_alarm.as_dict("false_alarm_rate"),
-                                  "best_dir_at_false_alarm_0.05": os_.best_dir(0.05)})
+                                  **columns("detect_identify_rate", os_.dir),
+                                  **columns("detection_rate", os_.detection),
+                                  **columns("false_alarm_rate", os_.false_alarm),
+                                  f"best_dir_at_false_alarm_{OPEN_SET_MAX_FALSE_ALARM:g}":
+                                      os_.best_dir(OPEN_SET_MAX_FALSE_ALARM)})
             far, tar, _ = roc(gen, imp)
             curves[split.dataset].append((src.name, far, tar, os_))
+            identifies = decide(f"{split.dataset}: {src.name} identifies people (rank-1 above "
+                                f"{above_chance(chance):.3f}, i.e. chance {chance:.3f} + {100 * REID_MARGIN:.0f}% "
+                                f"of the way to certain)", r1, above_chance(chance), unit="identities",
+                                illustration=bool(illustration))
+            row.update(identifies=identifies.status)
+            table.append(row)
+            decided.append({"dataset": split.dataset, "features": src.name, **identifies.as_dict()})
+            rejects = None
+            if os_ is not None:
+                rejects = decide(f"{split.dataset}: at the threshold ({os_.how}), {src.name} rejects strangers (under "
+                                 f"{100 * OPEN_SET_MAX_FALSE_ALARM:g}% of their photos accepted as someone)",
+                                 os_.false_alarm, OPEN_SET_MAX_FALSE_ALARM, direction="below",
+                                 unit="stranger identities", illustration=bool(illustration))
+                open_rows[-1]["rejects_strangers"] = rejects.status
+                decided.append({"dataset": split.dataset, "features": src.name, **rejects.as_dict()})
             if src is srcs[0]:
-                res.summary.setdefault("rank1", {})[split.dataset] = r1.value
-                res.summary.setdefault("rank1_ci", {})[split.dataset] = [r1.low, r1.high]
-                res.verdicts.append(_verdict(split, src, r1, vr, os_, len(refs)))
+                res.summary.setdefault("rank1", {})[split.dataset] = r1.as_dict()
+                res.verdicts.extend(_verdicts(identifies, rejects, tar_thr, far_thr, how, vr, os_, len(probes),
+                                              illustration))
+        impostor_pairs[split.dataset] = len(imp)
         unresolved = [f for f in FARS if len(imp) * f < 1]
         if unresolved:
             notes.append(f"{split.dataset}: TAR at FAR {', '.join(f'{f:g}' for f in unresolved)} is n/a: "
@@ -541,10 +578,12 @@ def one_shot_audit(rows_or_images: Sequence[ManifestRow] | Sequence[Any] | None 
     if not table:
         raise FaceLensError("no dataset had enough usable photos for one-shot matching; see the skipped photos")
     res.summary["rank1_by_features"] = {f"{r['dataset']} / {r['features']}": r["rank1"] for r in table}
+    res.summary["verdicts"] = decided
     res.tables["closed_set"] = table
     if open_rows:
         res.tables["open_set"] = open_rows
-    res.add_figure("roc", _roc_figure(curves), _ROC_CAPTION)
+    res.summary["roc_far_axis_from"] = {ds: far_axis_floor(n) for ds, n in impostor_pairs.items()}
+    res.add_figure("roc", _roc_figure(curves, impostor_pairs, bool(illustration)), _ROC_CAPTION)
     for src in srcs:
         if src.layer is not None and src.model == model_name:
             res.notes.append(f"'{src.name}': the layer's activations averaged over a {src.pool}×{src.pool} grid "
@@ -553,49 +592,76 @@ def one_shot_audit(rows_or_images: Sequence[ManifestRow] | Sequence[Any] | None 
                         "by its nearest enrolled neighbour (rank-1 = the right person is the closest). ROC and TAR at "
                         "FAR come from genuine (probe vs own enrolled photo) and impostor (probe vs every other "
                         "enrolled photo) pairs. Open set: a seeded share of identities is not enrolled and their "
-                        "photos must be rejected. Intervals: Wilson, widened to an identity bootstrap where a person "
-                        "has several probes.")
+                        "photos must be rejected. Intervals (95%): Wilson, widened to an identity bootstrap where a "
+                        "person has several probes; never of zero width. Verdicts: 'identifies people' is supported "
+                        f"when the whole rank-1 interval lies above chance + {100 * REID_MARGIN:.0f}% of the way from "
+                        "chance to certain, not supported when it lies below, and inconclusive when it straddles "
+                        "that bar or rests on fewer than 8 identities; 'rejects strangers' likewise for a false "
+                        f"alarm rate under {100 * OPEN_SET_MAX_FALSE_ALARM:g}%.")
     res.notes.extend(notes)
     res.failures = [{"path": p, "reason": r} for p, r in failures.items()]
     res.counts = {"rows_in": len(rows), "rows_used": len(used_rows), "failed": len(failures),
                   "datasets": len(splits)}
-    res.seconds = time.perf_counter() - start
     return res
 
 
 _ROC_CAPTION = ("Top: how often the same person is accepted (true accept rate) against how often two different "
                 "people are wrongly accepted (false accept rate, log scale), one curve per feature source; higher and "
-                "further left is better. Bottom (open set): some people were deliberately not enrolled; the curve "
-                "shows the best share of enrolled people found and named correctly for each share of strangers "
-                "wrongly accepted, as the acceptance threshold moves; the dot is the threshold used in the table.")
+                "further left is better. The axis starts at 1 / the number of impostor pairs, the smallest false "
+                "accept rate those pairs can measure; thresholds that accept no impostor are drawn at that edge. "
+                "Bottom (open set): some people were deliberately not enrolled; the curve shows the best share of "
+                "enrolled people found and named correctly for each share of strangers wrongly accepted, as the "
+                "acceptance threshold moves; the dot is the threshold used in the table.")
 
 
-def _verdict(split: OneShotSplit, src: FeatureSource, r1: Rate, vr: Any, os_: OpenSet | None, n_ids: int) -> str:
-    text = (f"{split.dataset}: {src.name} finds the right person first for {r1.text()} among {n_ids} enrolled "
-            f"identities (chance {100 / n_ids:.1f}%)")
+def _verdicts(identifies: Verdict, rejects: Verdict | None, tar: Estimate, far: Estimate, how: str, vr: Any,
+              os_: OpenSet | None, n_probes: int, illustration: int) -> list[str]:
+    """The sentences of one dataset: each decided claim, then the numbers that give it context."""
+    if illustration:  # no claim to state: the numbers, under one label (said before them)
+        r1 = identifies.estimate
+        text = (f"{illustration_label(illustration)}: numbers, not findings. Rank-1 {pct(r1)} of {n_probes} probes; "
+                f"at the threshold ({how}), {pct(tar)} of genuine pairs and {pct(far)} of impostor pairs are "
+                f"accepted")
+    else:
+        text = (f"{identifies.sentence()} {n_probes} probes. At the threshold ({how}), "
+                f"{pct(tar)} of genuine pairs and {pct(far)} of impostor pairs are accepted")
     tar2 = vr.tar_at_far.get(1e-2, float("nan"))
     if np.isfinite(tar2):
         text += f"; {100 * tar2:.0f}% of genuine pairs accepted at 1% false accepts"
-    if os_ is not None:
-        text += (f"; open set ({os_.how}): {100 * os_.dir.value:.0f}% of enrolled people identified, "
-                 f"{100 * os_.false_alarm.value:.0f}% of {os_.false_alarm.n} stranger photos falsely accepted")
-        if os_.false_alarm.value > 0.05:
-            text += (f" (in hindsight, a stricter threshold would identify {100 * os_.best_dir(0.05):.0f}% with ≤ 5% "
-                     f"false alarms on these photos: the threshold needs calibrating for them)")
-    return text + "."
+    out = [text + "."]
+    if rejects is not None and os_ is not None:
+        extra = f" {pct(os_.dir)} of the enrolled people's photos are identified at that threshold."
+        if rejects.status == "not supported" and not illustration:
+            cap = OPEN_SET_MAX_FALSE_ALARM
+            extra += (f" In hindsight, a stricter threshold would identify {100 * os_.best_dir(cap):.0f}% with "
+                      f"≤ {100 * cap:g}% false alarms on these photos: the threshold needs calibrating for them.")
+        if illustration:
+            out.append(f"Strangers accepted as someone at that threshold: {pct(rejects.estimate)}.{extra}")
+        else:
+            out.append(f"{rejects.sentence()}{extra}")
+    return out
 
 
-def _roc_figure(curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, OpenSet | None]]]) -> np.ndarray:
+def _roc_figure(curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, OpenSet | None]]],
+                impostor_pairs: Mapping[str, int], illustration: bool = False) -> np.ndarray:
+    """ROC per dataset on a FAR axis its impostor pairs can resolve, and the open-set curve from 0."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     from ..explain.render import figure_to_rgb, new_figure
+
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    tag = " (illustration)" if illustration else ""
 
     datasets = list(curves)
     fig, axes = new_figure(2, len(datasets), figsize=(5.2 * len(datasets), 8.4), squeeze=False)
     for c, ds in enumerate(datasets):
         ax, ax2 = axes[0, c], axes[1, c]
+        n_imp = impostor_pairs.get(ds, 1)
+        floor = far_axis_floor(n_imp)
         styles = ("-", "--", "-.", ":")
         for k, (name, far, tar, os_) in enumerate(curves[ds]):
             color, ls, lw = f"C{k}", styles[k % len(styles)], 2.6 if k == 0 else 1.5
-            ax.step(np.maximum(far, 1e-4), tar, where="post", color=color, ls=ls, lw=lw, label=name,
+            ax.step(np.maximum(far, floor), tar, where="post", color=color, ls=ls, lw=lw, label=name,
                     zorder=10 - k)
             if os_ is not None and len(os_.curve[0]):
                 cf, cd = os_.curve
@@ -603,18 +669,20 @@ def _roc_figure(curves: dict[str, list[tuple[str, np.ndarray, np.ndarray, OpenSe
                          zorder=10 - k)
                 ax2.plot(os_.false_alarm.value, os_.dir.value, "o", color=color, ms=7, zorder=20)
         ax.set_xscale("log")
-        ax.set_xlim(1e-4, 1)
+        ax.set_xlim(floor, 1)
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain if floor > 0.05 else NullFormatter())
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("false accept rate (impostor pairs accepted)")
+        ax.set_xlabel(f"false accept rate (log; axis starts at 1/{n_imp}: {n_imp} impostor pairs)")
         ax.set_ylabel("true accept rate (genuine pairs accepted)")
-        ax.set_title(f"{ds}: verification ROC", fontsize=10)
+        ax.set_title(f"{ds}: verification ROC{tag}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-        ax2.set_xlim(-0.01, 1.0)
+        ax2.set_xlim(0, 1.0)
         ax2.set_ylim(0, 1.02)
         ax2.set_xlabel("false alarm rate (unknown people accepted)")
         ax2.set_ylabel("detection & identification rate")
-        ax2.set_title(f"{ds}: open set (watch list)", fontsize=10)
+        ax2.set_title(f"{ds}: open set (watch list){tag}", fontsize=10)
         ax2.grid(alpha=0.3)
     return figure_to_rgb(fig)
 
