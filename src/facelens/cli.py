@@ -139,8 +139,13 @@ def run_explain(args: argparse.Namespace) -> int:
     save_png(grid, figure_grid(exps, on="photo" if args.on_photo else "chip",
                                title=f"{exps[0].model}: {exps[0].target}"))
     write_json(out / "explanations.json", {"image": args.image, "explanations": records, "grid": str(grid)})
+    rng = exps[0].target_range
+    if rng is not None:
+        imp = f", impostor median {rng.impostor:.3g}" if rng.impostor is not None else ""
+        print(f"target: {exps[0].target} [{rng.unit}]: intact {rng.intact:.3g}, fully blurred {rng.deleted_blur:.3g}, "
+              f"mean-filled {rng.deleted_mean:.3g}{imp}")
     for r in records:
-        print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  score={r['score']:.4f}")
+        print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  score={r['score']:.4g}")
     print(out / "explanations.json")
     return 0
 
@@ -150,9 +155,10 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image")
     p.add_argument("--model", default="dlib-resnet")
     p.add_argument("--method", default="gradcam,occlusion", help="comma-separated method names")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--target", default=None, help="class name or index (classifiers)")
-    g.add_argument("--reference", default=None, help="a second photo: explain the match (recognizers)")
+    p.add_argument("--target", default=None,
+                   help="classifiers: class name or index (default: the top class); recognizers: cohort (default: the "
+                        "match in impostor SDs), projection, cosine or margin")
+    p.add_argument("--reference", default=None, help="a second photo: explain the match (recognizers)")
     p.add_argument("--face", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -169,12 +175,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else None
     result = evaluate(args.manifest, args.model, methods, metrics, datasets=datasets, limit=args.limit,
                       baseline=args.baseline, steps=args.steps, pointing_region=args.pointing_region,
-                      batch_size=args.batch_size, seed=args.seed, executor=args.executor, address=args.address)
+                      batch_size=args.batch_size, seed=args.seed, executor=args.executor, address=args.address,
+                      sanity_photos=args.sanity_photos, cohort=args.cohort)
     paths = write_evaluation(result, Path(args.out))
     print(f"{result.rows_out}/{result.rows_in} photos evaluated, {len(result.skipped)} skipped, "
           f"{result.seconds:.1f} s")
     for bad in result.skipped[:10]:
         print(f"  skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
+    t = result.target
+    if t:
+        imp = f", impostor median {t['impostor_median']:.3g}" if t.get("impostor_median") is not None else ""
+        print(f"target: {t['description']} [{t['unit']}]: intact {t['intact']:.3g}, fully blurred "
+              f"{t['deleted_blur']:.3g}, mean-filled {t['deleted_mean']:.3g}{imp} (means over {t['n']} photos)")
+    for line in result.verdicts:
+        print(f"  {line}")
     print(paths["json"])
     return 0
 
@@ -185,7 +199,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dlib-resnet")
     p.add_argument("--methods", default="gradcam,occlusion")
     p.add_argument("--metrics", default="deletion,insertion,masked,agreement",
-                   help="comma-separated: deletion, insertion, masked, pointing, agreement")
+                   help="comma-separated: deletion, insertion, masked, pointing, agreement, sanity, inpainting "
+                        "(the control maps random, edges and centre are always scored beside the methods)")
+    p.add_argument("--sanity-photos", type=int, default=8,
+                   help="photos the sanity check runs on (a verdict needs at least 8)")
+    p.add_argument("--cohort", default="auto", choices=["auto", "manifest", "none"],
+                   help="recognizers: the impostor statistics that give the match score its unit: auto (the "
+                        "model's shipped cohort, else this manifest's photos), manifest, or none (raw projection)")
     p.add_argument("--datasets", default=None, help="only these manifest datasets (comma-separated)")
     p.add_argument("--limit", type=int, default=None, help="first N rows only")
     p.add_argument("--baseline", default="blur", choices=["blur", "mean", "zero"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from facelens.evaluate.deletion import DeletionInsertion, auc, pixel_ranks
+from facelens.evaluate.deletion import DeletionInsertion, auc, normalized_curve, pixel_ranks
 from facelens.targets import ClassScore, UserTarget
 
 
@@ -67,3 +67,29 @@ def test_streaming_equals_one_batch():
 
 def test_auc_of_constant():
     assert auc(np.ones(11)) == pytest.approx(1.0)
+
+
+def test_normalized_auc_runs_from_floor_to_intact_and_says_when_it_cannot():
+    x, saliency = _tiny()
+    dele = DeletionInsertion(RedSum(), mode="deletion", baseline="zero", steps=4)
+    dele.update(x, saliency, ClassScore(0))
+    out = dele.compute()
+    # floor 0, intact 10: the normalized curve is the curve / 10
+    assert out["auc_normalized_mean"] == pytest.approx(out["auc_mean"] / 10)
+    assert out["intact_mean"] == 10.0 and out["floor_mean"] == 0.0
+    assert out["curves_outside_range"] == 0 and out["narrow_range"] == 0
+    assert normalized_curve(np.array([5.0, 5.0, 4.99]), "deletion") is None  # nothing to divide by
+    overshoot = normalized_curve(np.array([0.0, 3.0, 2.0]), "insertion")  # a partial face beats the whole
+    assert overshoot is not None and overshoot.max() == pytest.approx(1.5)
+
+
+def test_headline_auc_has_an_interval_over_photos_and_people():
+    torch.manual_seed(1)
+    x = torch.rand(10, 3, 6, 6)
+    maps = torch.rand(10, 6, 6)
+    metric = DeletionInsertion(RedSum(), steps=6, baseline="mean")
+    metric.update(x, maps, ClassScore(0), clusters=[f"p{i // 2}" for i in range(10)])
+    out = metric.compute()
+    lo, hi = out["ci"]
+    assert lo < out["auc_mean"] < hi and out["n"] == 10 and out["n_units"] == 5
+    assert "bootstrap" in out["interval"]

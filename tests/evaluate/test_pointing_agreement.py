@@ -3,6 +3,7 @@ import pytest
 
 from facelens.evaluate.agreement import Agreement, spearman, topk_iou
 from facelens.evaluate.pointing import PointingGame, RegionHit, points_mask
+from facelens.faces.regions import REGION_NAMES
 
 
 def test_pointing_game_hits_and_misses_with_tolerance():
@@ -13,9 +14,19 @@ def test_pointing_game_hits_and_misses_with_tolerance():
     near[6, 10] = 1  # 3 px right of the region
     far[18, 18] = 1
     game = PointingGame(tolerance=3)
-    assert game.update([on, near, far], [region] * 3) == [True, True, False]
-    assert game.compute()["hit_rate"] == pytest.approx(2 / 3)
+    labels = np.full((20, 20), REGION_NAMES.index("hair_background"))
+    labels[5:8, 5:8] = REGION_NAMES.index("nose")
+    assert game.update([on, near, far], [region] * 3, [labels] * 3) == [True, True, False]
+    out = game.compute()
+    assert out["hit_rate"] == pytest.approx(2 / 3)
+    assert out["chance"] == pytest.approx(81 / 400)  # the 3×3 region grown by 3 px: 9×9 of 20×20
+    assert out["ci"][0] < 2 / 3 < out["ci"][1]
+    assert out["peak_regions"] == {"hair_background": pytest.approx(2 / 3), "nose": pytest.approx(1 / 3)}
+    assert "most salient pixel" in out["how_measured"]
     assert PointingGame(tolerance=0).update([near], [region]) == [False]
+    none = PointingGame()
+    none.update([far] * 5, [region] * 5)
+    assert none.compute()["hit_rate"] == 0.0 and none.compute()["ci"][1] > 0.3  # 0 of 5 is not "never"
 
 
 def test_region_hit_shares():

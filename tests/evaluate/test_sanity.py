@@ -14,7 +14,7 @@ from facelens.errors import FaceLensError, ModelError
 from facelens.evaluate import sanity
 from facelens.models.registry import load_model, wrap
 
-N_PHOTOS = 3
+N_PHOTOS = 8  # the fewest photos the verdict rule decides on (MIN_N)
 
 
 # -- hand-computed similarity cases ------------------------------------------------------------------------
@@ -24,17 +24,17 @@ def test_spearman_of_a_two_pixel_swap_is_the_closed_form() -> None:
     b.flat[[0, 1]] = b.flat[[1, 0]]  # swap two neighbouring ranks: Σd² = 2
     expected = 1 - 6 * 2 / (49 * (49**2 - 1))
     s = sanity.map_similarity(a, b)
-    assert s["spearman_abs"] == pytest.approx(expected, abs=1e-12)
-    assert s["spearman_signed"] == pytest.approx(expected, abs=1e-12)
+    assert s["rank_corr_abs"] == pytest.approx(expected, abs=1e-12)
+    assert s["rank_corr"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_map_and_its_negation_agree_in_magnitude_and_disagree_in_sign() -> None:
     a = np.random.default_rng(1).normal(size=(9, 9))
     s = sanity.map_similarity(a, -a)
-    assert s["spearman_abs"] == pytest.approx(1.0)
-    assert s["spearman_signed"] == pytest.approx(-1.0)
-    assert s["ssim"] == pytest.approx(1.0)  # SSIM and HOG look at |map| only
-    assert s["hog"] == pytest.approx(1.0)
+    assert s["rank_corr_abs"] == pytest.approx(1.0)
+    assert s["rank_corr"] == pytest.approx(-1.0)  # the decisive measure: an inverted map has changed
+    assert s["ssim_abs"] == pytest.approx(1.0)  # SSIM and HOG look at |map| only
+    assert s["hog_abs"] == pytest.approx(1.0)
 
 
 def test_ssim_of_a_map_and_its_complement_is_the_closed_form() -> None:
@@ -66,7 +66,7 @@ def test_hog_of_a_vertical_and_a_horizontal_edge_is_minus_one_eighth() -> None:
 def test_flat_maps_count_as_unrelated() -> None:
     a = np.random.default_rng(2).random((16, 16))
     s = sanity.map_similarity(a, np.zeros((16, 16)))
-    assert s["spearman_abs"] == 0.0 and s["hog"] == 0.0
+    assert s["rank_corr_abs"] == 0.0 and s["hog_abs"] == 0.0
 
 
 # -- layer order and randomization ---------------------------------------------------------------------------
@@ -182,14 +182,16 @@ def gbp_independent(gender_batch: tuple[object, torch.Tensor, list[object]]) -> 
 
 def test_randomizing_a_trained_model_changes_gradcam(gradcam_cascade: sanity.SanityResult) -> None:
     res = gradcam_cascade
-    assert res.steps[0].spearman_abs == pytest.approx(1.0)  # a deterministic method agrees with itself
+    assert res.steps[0].rank_corr == pytest.approx(1.0)  # a deterministic method agrees with itself
     assert [s.layer for s in res.steps[1:3]] == ["body.fc2", "body.fc1"]  # output side first
     assert res.steps[-1].layer == "body.conv1"
-    assert res.decisive.spearman_abs < sanity.PASS_THRESHOLD
-    assert res.verdict == "pass"
-    assert res.n_images == N_PHOTOS
+    lo, hi = res.decisive.rank_corr_ci
+    assert lo <= res.decisive.rank_corr <= hi < sanity.PASS_THRESHOLD  # the whole interval is below 0.5
+    assert res.verdict == "pass" and res.decision.status == "supported"
+    assert res.n_images == N_PHOTOS and res.decision.estimate.n_clusters == N_PHOTOS
     rows = res.to_rows()
-    assert len(rows) == len(res.steps) and {"layer", "step", "ssim", "hog", "verdict"} <= set(rows[0])
+    assert len(rows) == len(res.steps) and {"layer", "step", "ssim_abs", "hog_abs", "verdict"} <= set(rows[0])
+    assert res.summary()["ci"] == [lo, hi] and "interval" in res.summary()["sentence"]
 
 
 def test_guided_backprop_ignores_the_output_layer(gbp_independent: sanity.SanityResult,
@@ -198,11 +200,11 @@ def test_guided_backprop_ignores_the_output_layer(gbp_independent: sanity.Sanity
     res = gbp_independent
     assert [s.layer for s in res.steps] == ["original", "body.fc2", "body.conv1"]
     assert res.decisive.layer == "body.fc2"
-    assert res.decisive.spearman_abs > 0.9
-    assert res.verdict == "fail"
+    assert res.decisive.rank_corr_ci[0] > 0.9  # the whole interval: a known failure must fail
+    assert res.verdict == "fail" and res.decision.status == "not supported"
     # while Grad-CAM, with the same random output layer, changes a lot
     assert gradcam_cascade.steps[1].layer == "body.fc2"
-    assert gradcam_cascade.steps[1].spearman_abs < res.decisive.spearman_abs - 0.5
+    assert gradcam_cascade.steps[1].rank_corr < res.decisive.rank_corr - 0.5
 
 
 def test_streamed_batches_average_like_one_batch(gender_batch: tuple[object, torch.Tensor, list[object]]) -> None:
@@ -217,7 +219,7 @@ def test_streamed_batches_average_like_one_batch(gender_batch: tuple[object, tor
     halves.merge(other)
     a, b = whole.compute(), halves.compute()
     for sa, sb in zip(a["steps"], b["steps"], strict=True):
-        assert sa["spearman_abs"] == pytest.approx(sb["spearman_abs"], abs=1e-9)
+        assert sa["rank_corr"] == pytest.approx(sb["rank_corr"], abs=1e-9)
         assert sa["n"] == sb["n"] == N_PHOTOS
 
 
@@ -249,10 +251,37 @@ def test_shuffled_label_probe_changes_the_gradient(shared_faces: Path) -> None:
     assert res.extras["true_probe_cv_accuracy"] > 0.6  # sex is linearly readable from the embedding
     assert res.extras["shuffled_probe_train_accuracy"] == 1.0  # shuffled labels are memorized
     assert 0.2 < res.extras["shuffled_labels_agreeing_with_true"] < 0.8
-    assert res.steps[0].spearman_abs == pytest.approx(1.0)
+    assert res.steps[0].rank_corr == pytest.approx(1.0)
     assert res.steps[1].layer == "shuffled labels"
-    assert res.decisive.spearman_abs < 0.99  # another head, another map
-    assert res.verdict == ("pass" if res.decisive.spearman_abs < sanity.PASS_THRESHOLD else "fail")
+    assert res.decisive.rank_corr < 0.99  # another head, another map
+    assert res.verdict == "inconclusive"  # two explained photos: below the minimum n, whatever the value
+    assert "fewer than 8" in res.decision.reason
+
+
+# -- the verdict rule on known answers ---------------------------------------------------------------------------
+def _edges_of_input(model: object, x: torch.Tensor, targets: object) -> torch.Tensor:
+    """A "method" that ignores the model: the image's own gradient magnitude. It must fail."""
+    g = x.mean(1)
+    edges = (g[:, 1:, 1:] - g[:, :-1, 1:]).abs() + (g[:, 1:, 1:] - g[:, 1:, :-1]).abs()
+    return torch.nn.functional.pad(edges, (0, 1, 0, 1))
+
+
+def _first_conv_response(model: object, x: torch.Tensor, targets: object) -> torch.Tensor:
+    """A "method" that reads the weights: the first convolution's summed response. It must change."""
+    conv = dict(model.net.named_modules())["model.conv"]  # type: ignore[attr-defined]
+    with torch.no_grad():
+        return conv(x).sum(1)
+
+
+def test_a_method_that_ignores_the_model_fails_and_one_that_reads_the_weights_passes() -> None:
+    model = _tiny_model()
+    x = torch.rand(N_PHOTOS, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    blind = sanity.model_randomization(model, x, _edges_of_input)
+    assert blind.decisive.rank_corr == pytest.approx(1.0) and blind.verdict == "fail"
+    reader = sanity.model_randomization(model, x, _first_conv_response)
+    assert reader.decisive.rank_corr_ci[1] < sanity.PASS_THRESHOLD and reader.verdict == "pass"
+    few = sanity.model_randomization(model, x[:3], _edges_of_input)
+    assert few.verdict == "inconclusive" and "fewer than 8" in few.decision.reason  # same maps, too few photos
 
 
 def test_bad_inputs_are_refused() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from .base import Metric
+from .stats import mean_interval
 
 __all__ = ["Agreement", "spearman", "topk_iou"]
 
@@ -51,9 +52,9 @@ class Agreement(Metric):
 
     name = "agreement"
 
-    def __init__(self, k: float = 0.1) -> None:
+    def __init__(self, k: float = 0.1, seed: int = 0) -> None:
         super().__init__()
-        self.k = k
+        self.k, self.seed = k, int(seed)
         self.add_state("rho", [])
         self.add_state("iou", [])
 
@@ -66,7 +67,9 @@ class Agreement(Metric):
         rho, iou = np.asarray(self.rho), np.asarray(self.iou)
         if not rho.size:
             return {"metric": self.name, "n": 0}
-        return {"metric": self.name, "n": int(rho.size), "spearman_mean": float(rho.mean()),
+        r, i = mean_interval(rho, seed=self.seed), mean_interval(iou, seed=self.seed)
+        return {"metric": self.name, "n": int(rho.size), "spearman_mean": r.value, "ci": r.bounds,
                 "spearman_std": float(rho.std(ddof=1)) if rho.size > 1 else 0.0,
-                f"top{int(self.k * 100)}pct_iou_mean": float(iou.mean()),
-                "how_measured": f"Spearman over all pixels; IoU of each map's top {self.k:.0%} pixels"}
+                f"top{int(self.k * 100)}pct_iou_mean": i.value, f"top{int(self.k * 100)}pct_iou_ci": i.bounds,
+                "how_measured": (f"Spearman over all pixels; IoU of each map's top {self.k:.0%} pixels; 95% bootstrap "
+                                 "intervals over photos")}

@@ -7,6 +7,18 @@ fast (high AUC). Both run for class targets and for verification targets, and
 every image of a batch goes through the shared engine in one pass: the
 ``N × (steps + 1)`` perturbed images are built batch by batch from pixel ranks,
 never all at once.
+
+A curve runs between two levels of the target: the intact score and the *floor*, the score with
+every pixel removed. The AUC is only as telling as that range, so each photo's floor and intact
+level are kept, the headline AUC gets a bootstrap interval over photos, and the normalized AUC
+rescales each curve to ``(score − floor) / (intact − floor)``: 1 at the intact level, 0 at the floor.
+It lies in [0, 1] while a curve stays between its two ends; an insertion curve that overshoots the
+intact score (a partly restored face scoring higher than the whole face) goes above 1, and photos
+where removing everything moves the score by less than :data:`MIN_SPAN` of the intact level are
+left out of the normalized value (counted in ``narrow_range``): dividing by a range of nearly
+nothing would make noise look like a finding. The ``blur`` baseline blurs with σ =
+:data:`~facelens.explain.perturbation.REMOVAL_BLUR_SIGMA` of the side, strong enough to remove a
+face's identity (DISE's lighter blur leaves dlib-resnet matching most faces).
 """
 
 from __future__ import annotations
@@ -19,13 +31,16 @@ import torch
 from torch import nn
 
 from ..explain.engine import DEFAULT_BATCH_SIZE, PerturbationEngine
-from ..explain.perturbation import fill_image
+from ..explain.perturbation import REMOVAL_BLUR_SIGMA, fill_image
 from ..targets import Target
 from .base import Metric
+from .stats import mean_interval
 
-__all__ = ["DeletionInsertion", "auc", "pixel_ranks"]
+__all__ = ["MIN_SPAN", "DeletionInsertion", "auc", "normalized_curve", "pixel_ranks"]
 
 Mode = Literal["deletion", "insertion"]
+#: photos whose floor is within this share of |intact| (or above it) get no normalized AUC
+MIN_SPAN = 0.05
 
 
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
@@ -43,6 +58,16 @@ def auc(curve: np.ndarray) -> float:
     return float(np.trapezoid(y, dx=1.0 / (len(y) - 1)))
 
 
+def normalized_curve(curve: np.ndarray, mode: Mode) -> np.ndarray | None:
+    """``(score − floor) / (intact − floor)``, or None when the range is too narrow to divide by."""
+    c = np.asarray(curve, np.float64)
+    intact, floor = (c[0], c[-1]) if mode == "deletion" else (c[-1], c[0])
+    span = intact - floor
+    if not span > MIN_SPAN * max(abs(intact), 1e-12):
+        return None
+    return (c - floor) / span
+
+
 class DeletionInsertion(Metric):
     """Deletion or insertion curves and AUC over a stream of (image, map, target) batches.
 
@@ -55,25 +80,32 @@ class DeletionInsertion(Metric):
     """
 
     def __init__(self, net: nn.Module, *, mode: Mode = "deletion", baseline: str = "blur", steps: int = 20,
-                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool | None = None,
+                 blur_sigma: float = REMOVAL_BLUR_SIGMA, seed: int = 0) -> None:
         super().__init__()
         if mode not in ("deletion", "insertion"):
             raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
         self.name = mode
         self.net, self.mode, self.baseline, self.steps = net, mode, baseline, int(steps)
         self.batch_size, self.progress = batch_size, progress
+        self.blur_sigma, self.seed = float(blur_sigma), int(seed)
         self.add_state("curves", [])
         self.add_state("labels", [])
+        self.add_state("clusters", [])
 
     def update(self, inputs: torch.Tensor, maps: torch.Tensor | np.ndarray, targets: Target | Sequence[Target],
-               labels: Sequence[str] | None = None) -> np.ndarray:
-        """Add a batch; returns its curves ``(N, steps + 1)``."""
+               labels: Sequence[str] | None = None, clusters: Sequence[str] | None = None) -> np.ndarray:
+        """Add a batch; returns its curves ``(N, steps + 1)``.
+
+        ``clusters`` name the independent unit of each photo (its person) for the interval; by default
+        each photo is its own unit.
+        """
         maps_t = torch.as_tensor(np.asarray(maps, np.float32)) if not isinstance(maps, torch.Tensor) else maps.float()
         n, _, h, w = inputs.shape
         if maps_t.shape != (n, h, w):
             raise ValueError(f"maps must be {(n, h, w)}, got {tuple(maps_t.shape)}")
         ranks = pixel_ranks(maps_t)
-        fills = torch.cat([fill_image(inputs[i:i + 1], self.baseline) for i in range(n)])
+        fills = torch.cat([fill_image(inputs[i:i + 1], self.baseline, blur_sigma=self.blur_sigma) for i in range(n)])
         counts = torch.round(torch.linspace(0, h * w, self.steps + 1)).long()
         per = self.steps + 1
         deletion = self.mode == "deletion"
@@ -91,24 +123,48 @@ class DeletionInsertion(Metric):
         owners = None if isinstance(targets, Target) else (lambda a, b: torch.arange(a, b) // per)
         scores = engine.run(n * per, build, owners=owners).view(n, per).numpy().astype(np.float64)
         self.curves.extend(list(scores))
-        self.labels.extend(list(labels) if labels is not None else [str(len(self.labels) + i) for i in range(n)])
+        names = list(labels) if labels is not None else [str(len(self.labels) + i) for i in range(n)]
+        self.labels.extend(names)
+        self.clusters.extend(list(clusters) if clusters is not None else names)
         return scores
+
+    def per_image_auc(self) -> np.ndarray:
+        return np.array([auc(c) for c in self.curves])
 
     def compute(self) -> dict[str, Any]:
         if not self.curves:
             return {"metric": self.mode, "n": 0}
         curves = np.stack(self.curves)
-        aucs = np.array([auc(c) for c in curves])
-        norm = np.array([auc(c / c[0]) if self.mode == "deletion" and c[0] != 0 else
-                         auc(c / c[-1]) if c[-1] != 0 else np.nan for c in curves])
+        aucs = self.per_image_auc()
+        normed = [normalized_curve(c, self.mode) for c in curves]
+        norm_auc = np.array([auc(c) if c is not None else np.nan for c in normed])
+        kept = [c for c in normed if c is not None]
+        head = mean_interval(aucs, self.clusters, seed=self.seed)
+        norm = mean_interval(norm_auc, self.clusters, seed=self.seed)
+        intact, floor = (curves[:, 0], curves[:, -1]) if self.mode == "deletion" else (curves[:, -1], curves[:, 0])
+        outside = int(sum(bool(np.any((c < -1e-9) | (c > 1 + 1e-9))) for c in kept))
+        better = "lower" if self.mode == "deletion" else "higher"
         return {
             "metric": self.mode, "baseline": self.baseline, "steps": self.steps, "n": len(curves),
-            "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
-            "auc_normalized_mean": float(np.nanmean(norm)),
+            "n_units": head.n_clusters, "blur_sigma": self.blur_sigma if self.baseline == "blur" else None,
+            "auc_mean": head.value, "ci": head.bounds, "auc_std": float(aucs.std(ddof=1)) if len(aucs) > 1
+            else 0.0, "interval": head.method,
+            "auc_normalized_mean": norm.value if np.isfinite(norm.value) else None,
+            "auc_normalized_ci": norm.bounds,
+            "narrow_range": int(sum(c is None for c in normed)), "curves_outside_range": outside,
+            "intact_mean": float(intact.mean()), "floor_mean": float(floor.mean()),
             "mean_curve": curves.mean(0).tolist(),
-            "per_image": [{"label": lab, "auc": float(a)} for lab, a in zip(self.labels, aucs, strict=True)],
-            "how_measured": (f"{'remove' if self.mode == 'deletion' else 'insert'} pixels in order of saliency "
-                             f"in {self.steps} equal steps ({self.baseline} baseline); trapezoidal area over the "
-                             "fraction of pixels; normalized = curve divided by the unperturbed "
-                             "(deletion) or fully restored (insertion) score"),
+            "mean_curve_normalized": np.mean(kept, axis=0).tolist() if kept else None,
+            "per_image": [{"label": lab, "auc": float(a), "auc_normalized": None if not np.isfinite(b) else float(b),
+                           "intact": float(i), "floor": float(f)}
+                          for lab, a, b, i, f in zip(self.labels, aucs, norm_auc, intact, floor, strict=True)],
+            "how_measured": (
+                f"{'remove' if self.mode == 'deletion' else 'insert'} pixels in order of saliency in {self.steps} "
+                f"equal steps ({self.baseline} baseline"
+                + (f", σ = {self.blur_sigma:g} of the side" if self.baseline == "blur" else "")
+                + f"); trapezoidal area over the fraction of pixels ({better} is better); interval: 95% bootstrap "
+                "over photos (resampling people when known); normalized = each curve rescaled to "
+                "(score − floor)/(intact − floor), in [0, 1] while the curve stays between its ends "
+                f"(curves_outside_range counts those that do not), photos whose range is under "
+                f"{MIN_SPAN:.0%} of the intact score left out (narrow_range)"),
         }

@@ -12,23 +12,32 @@ destroyed. Two ways of destroying it:
   two heads. A map that looks the same for a head that learned nothing but
   memorized noise does not explain what was learned.
 
-Similarity, as in the paper: Spearman rank correlation of the absolute maps and
-of the signed maps, SSIM and the Pearson correlation of HOG descriptors (both on
-absolute maps min-max normalized to [0, 1]).
+Similarity, as in the paper, each named for what it holds: ``rank_corr`` (Spearman rank correlation
+of the maps as the method returns them, sign kept), ``rank_corr_abs`` (of the absolute maps),
+``ssim_abs`` (SSIM) and ``hog_abs`` (Pearson correlation of HOG descriptors), the last two on the
+absolute maps min-max normalized to [0, 1]. Every value is a mean over photos with a 95 % bootstrap
+interval.
 
-**Verdict.** A method *passes* when the Spearman correlation of its absolute
-maps with the trained model's maps falls below `PASS_THRESHOLD` = 0.5 after the
-decisive randomization: every layer (cascading), the output layer alone
-(independent: a map that survives a random output layer ignores what the model
-decides, the class-insensitivity Guided Backprop is known for) or the
-shuffled-label head (data). Why 0.5: a rank correlation of 0.5 means the two
-maps share only a quarter of their rank variance (ρ² = 0.25); a map that keeps
-more than that with every weight random is still mostly a function of the input
-(edges, contrast) rather than of what the network learned. In the paper the
-methods that pass fall to |ρ| ≈ 0–0.3 after full randomization while Guided
-Backprop and Guided Grad-CAM stay far above 0.5, so 0.5 separates the two
-groups with room on both sides. The threshold is a parameter; every number is
-reported, whichever way the verdict goes.
+**Verdict** (the one rule of :mod:`facelens.evaluate.verdict`). The claim is "the map changes when
+the model's knowledge is destroyed": ``rank_corr`` with the trained model's map below
+`PASS_THRESHOLD` = 0.5 after the decisive randomization: every layer (cascading), the output layer
+alone (independent: a map that survives a random output layer ignores what the model decides, the
+class-insensitivity Guided Backprop is known for) or the shuffled-label head (data). *Pass* when
+the whole interval is below 0.5, *fail* when it is entirely at or above, *inconclusive* when it
+contains 0.5 or rests on fewer than :data:`~facelens.evaluate.verdict.MIN_N` photos. The signed
+correlation is judged, not its magnitude: a map that inverts under randomization (ρ = −0.85) has
+changed. Why 0.5: a rank correlation of 0.5 means the two maps share only a quarter of their rank
+variance (ρ² = 0.25); a map that keeps more than that with every weight random is still mostly a
+function of the input (edges, contrast) rather than of what the network learned. In the paper the
+methods that pass fall to ρ ≈ 0–0.3 after full randomization while Guided Backprop and Guided
+Grad-CAM stay far above 0.5. The threshold is a parameter; every number is reported, whichever way
+the verdict goes.
+
+**Targets** stay fixed while the network changes: a class index for classifiers, and for recognizers
+the trained network's embedding of the unperturbed photo as the reference (the model's default
+recognizer target, cohort-normalized when it has a cohort). Recomputing the reference under each
+randomized network would explain a different question at every step: the randomized network's
+match to its own output.
 
 Work is always done on a private deep copy of the model: the cached shared
 model is never touched.
@@ -50,9 +59,11 @@ from torch import nn
 from ..errors import ModelError
 from ..explain.engine import DEFAULT_BATCH_SIZE
 from ..models.base import FaceModel
-from ..targets import ClassScore, Target, UserTarget
+from ..targets import ClassScore, CohortSimilarity, Similarity, Target
 from .agreement import spearman
 from .base import Metric
+from .stats import Estimate, mean_interval
+from .verdict import MIN_N, Verdict, decide, sanity_word
 
 __all__ = [
     "PASS_THRESHOLD",
@@ -74,7 +85,8 @@ __all__ = [
 ]
 
 PASS_THRESHOLD = 0.5
-MEASURES = ("spearman_abs", "spearman_signed", "ssim", "hog")
+MEASURES = ("rank_corr", "rank_corr_abs", "ssim_abs", "hog_abs")
+DECISIVE_MEASURE = "rank_corr"
 
 Check = Literal["cascading", "independent", "data"]
 Randomize = Literal["default", "gaussian"]
@@ -127,13 +139,13 @@ def hog_similarity(a: np.ndarray, b: np.ndarray, *, pixels_per_cell: int | None 
 
 
 def map_similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """The paper's four similarity measures between a map and the trained model's map."""
+    """The paper's four similarity measures between a map and the trained model's map (see `MEASURES`)."""
     o, m = np.asarray(original, np.float64), np.asarray(other, np.float64)
     return {
-        "spearman_abs": spearman(np.abs(o), np.abs(m)),
-        "spearman_signed": spearman(o, m),
-        "ssim": ssim_similarity(o, m),
-        "hog": hog_similarity(o, m),
+        "rank_corr": spearman(o, m),
+        "rank_corr_abs": spearman(np.abs(o), np.abs(m)),
+        "ssim_abs": ssim_similarity(o, m),
+        "hog_abs": hog_similarity(o, m),
     }
 
 
@@ -280,29 +292,21 @@ def _maps(model: FaceModel, method: MethodSpec, inputs: torch.Tensor, targets: S
     return maps.astype(np.float64)
 
 
-def _own_embedding_targets(model: FaceModel, inputs: torch.Tensor) -> list[Target]:
-    """For recognizers: the dot product with the network's *current* embedding of the same image.
-
-    Cosine or L2 similarity to the image's own embedding has a zero gradient there (it is
-    at its maximum), so gradient methods would explain nothing; the dot product keeps the
-    meaning ("what makes this embedding what it is") with a useful gradient. It is
-    recomputed under each randomized network, where the old embedding means nothing.
-    """
-    with torch.no_grad():  # not inference_mode: these tensors meet autograd inside the targets
-        emb = model.net(inputs).detach().flatten(1).clone()
-    return [UserTarget(lambda out, _e=e: out.flatten(1) @ _e.to(out.dtype), "dot product with own embedding")
-            for e in emb]
-
-
 def _default_targets(model: FaceModel, inputs: torch.Tensor) -> TargetFactory:
-    """Classifiers: the trained model's top class, fixed for every step. Recognizers: see above."""
+    """The trained model's target, fixed for every step: its top class (classifiers), or the match to the
+    trained network's embedding of the same photo (recognizers; cohort-normalized when the model has a
+    cohort, else the projection onto it, whose gradient at the photo itself is not zero)."""
+    with torch.inference_mode():
+        out = model.net(inputs).detach().flatten(1).clone()
     if model.task == "classification":
-        with torch.inference_mode():
-            top = model.net(inputs).argmax(1).tolist()
         names = model.class_names or []
-        fixed = [ClassScore(int(i), name=names[i] if i < len(names) else None) for i in top]
-        return lambda _m, _x: fixed
-    return _own_embedding_targets
+        fixed: list[Target] = [ClassScore(int(i), name=names[i] if i < len(names) else None)
+                               for i in out.argmax(1).tolist()]
+    elif model.cohort is not None:
+        fixed = [CohortSimilarity(e, model.cohort, label="the trained network's embedding") for e in out]
+    else:
+        fixed = [Similarity(e, "dot", label="the trained network's embedding (projection)") for e in out]
+    return lambda _m, _x: fixed
 
 
 def _as_factory(targets: Target | Sequence[Target] | TargetFactory | None, model: FaceModel,
@@ -330,16 +334,18 @@ def _as_inputs(model: FaceModel, inputs: torch.Tensor | np.ndarray | Sequence[An
 # -- results ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepSimilarity:
-    """Mean similarity to the trained model's maps after one randomization step (0 = nothing randomized)."""
+    """Mean similarity to the trained model's maps after one randomization step (0 = nothing randomized),
+    with 95 % bootstrap intervals over photos for the decisive measure and SSIM."""
 
     step: int
     layer: str
-    spearman_abs: float
-    spearman_signed: float
-    ssim: float
-    hog: float
+    rank_corr: float
+    rank_corr_abs: float
+    ssim_abs: float
+    hog_abs: float
     n: int
-    spearman_abs_std: float = 0.0
+    rank_corr_ci: tuple[float | None, float | None] = (None, None)
+    ssim_abs_ci: tuple[float | None, float | None] = (None, None)
 
 
 @dataclass
@@ -348,6 +354,8 @@ class SanityResult:
 
     ``steps[0]`` compares the method's map with a second run on the untouched model:
     1.0 for a deterministic method; less shows the method's own run-to-run noise.
+    ``decision`` is the rule's verdict on the claim "the map changes" (see the module docstring);
+    ``verdict`` its pass / fail / inconclusive.
     """
 
     method: str
@@ -355,11 +363,15 @@ class SanityResult:
     check: Check
     steps: list[StepSimilarity]
     threshold: float
-    verdict: Literal["pass", "fail"]
+    decision: Verdict
     decisive_step: int
     n_images: int
     settings: dict[str, object] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return sanity_word(self.decision)
 
     @property
     def decisive(self) -> StepSimilarity:
@@ -375,29 +387,35 @@ class SanityResult:
     def summary(self) -> dict[str, object]:
         d = self.decisive
         return {"method": self.method, "model": self.model, "check": self.check, "verdict": self.verdict,
-                "decisive_layer": d.layer, "spearman_abs": d.spearman_abs, "spearman_signed": d.spearman_signed,
-                "ssim": d.ssim, "hog": d.hog, "threshold": self.threshold, "n_images": self.n_images,
-                **self.extras}
+                "decisive_layer": d.layer, "rank_corr": d.rank_corr, "ci": list(d.rank_corr_ci),
+                "rank_corr_abs": d.rank_corr_abs, "ssim_abs": d.ssim_abs, "ssim_abs_ci": list(d.ssim_abs_ci),
+                "hog_abs": d.hog_abs, "threshold": self.threshold, "n_images": self.n_images,
+                "decision": self.decision.as_dict(), "sentence": self.decision.sentence(), **self.extras}
 
 
-def _aggregate(rows: Sequence[dict[str, Any]]) -> list[StepSimilarity]:
+def _aggregate(rows: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[StepSimilarity], dict[int, Estimate]]:
+    """Per-step means and intervals, and the decisive measure's `Estimate` per step."""
     by_step: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_step.setdefault(int(r["step"]), []).append(r)
-    out = []
+    out, estimates = [], {}
     for step in sorted(by_step):
         rs = by_step[step]
         vals = {k: np.array([r[k] for r in rs], np.float64) for k in MEASURES}
+        rho = mean_interval(vals[DECISIVE_MEASURE], [r["image"] for r in rs], seed=seed)
+        ssim = mean_interval(vals["ssim_abs"], [r["image"] for r in rs], seed=seed)
+        estimates[step] = rho
         out.append(StepSimilarity(step=step, layer=str(rs[0]["layer"]), n=len(rs),
-                                  spearman_abs_std=float(vals["spearman_abs"].std(ddof=1)) if len(rs) > 1 else 0.0,
+                                  rank_corr_ci=tuple(rho.bounds), ssim_abs_ci=tuple(ssim.bounds),
                                   **{k: float(v.mean()) for k, v in vals.items()}))
-    return out
+    return out, estimates
 
 
-def _verdict(value: float, threshold: float) -> Literal["pass", "fail"]:
-    """Pass when the maps are unrelated: a strong *negative* rank correlation is as much a dependence on
-    the image (and as little on the weights) as a strong positive one, so the magnitude is judged."""
-    return "pass" if abs(value) < threshold else "fail"
+def _decide(estimate: Estimate, threshold: float, check: str) -> Verdict:
+    what = {"cascading": "every layer re-initialized", "independent": "the output layer re-initialized",
+            "data": "the head trained on shuffled labels"}[check]
+    return decide(f"the map changes with {what} (rank correlation with the trained map below {threshold:g})",
+                  estimate, threshold, direction="below", min_n=MIN_N, unit="photos")
 
 
 # -- model-parameter randomization ------------------------------------------------------------------------------
@@ -427,7 +445,8 @@ class ModelRandomization(Metric):
                  layers: Sequence[str | Sequence[str]] | None = None,
                  targets: Target | Sequence[Target] | TargetFactory | None = None,
                  randomize: Randomize = "default", seed: int = 0, threshold: float = PASS_THRESHOLD,
-                 batch_size: int = DEFAULT_BATCH_SIZE, settings: dict[str, object] | None = None) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, settings: dict[str, object] | None = None,
+                 self_check: bool = True) -> None:
         super().__init__()
         if mode not in ("cascading", "independent"):
             raise ModelError(f"mode must be 'cascading' or 'independent', got {mode!r}")
@@ -436,6 +455,7 @@ class ModelRandomization(Metric):
         self.layers, self.targets, self.randomize = layers, targets, randomize
         self.seed, self.threshold, self.batch_size = int(seed), float(threshold), int(batch_size)
         self.settings = dict(settings or {})
+        self.self_check = bool(self_check)  # step 0: a second run on the intact model (the method's own noise)
         self.add_state("rows", [])
         self.add_state("images", 0)
 
@@ -454,7 +474,7 @@ class ModelRandomization(Metric):
 
         intact = copy.deepcopy(self.model)
         base = maps_of(intact)
-        rows = self._rows(base, maps_of(intact), 0, "original")
+        rows = self._rows(base, maps_of(intact), 0, "original") if self.self_check else []
         for step, label, randomized in randomized_models(self.model, self.mode, steps, seed=self.seed,
                                                          how=self.randomize):
             rows += self._rows(base, maps_of(randomized), step, label)
@@ -467,18 +487,19 @@ class ModelRandomization(Metric):
                 for i in range(len(base))]
 
     def result(self) -> SanityResult:
-        steps = _aggregate(self.rows)
-        if len(steps) < 2:
+        steps, estimates = _aggregate(self.rows, self.seed)
+        first = 1 if self.self_check else 0  # the index of the first randomized step
+        if len(steps) <= first:
             raise ModelError("no batch was added: call update() first")
-        decisive = len(steps) - 1 if self.mode == "cascading" else 1
+        decisive = len(steps) - 1 if self.mode == "cascading" else first
         # the first step randomizes the output-side layer: how much the map cares what the model decides
-        extras: dict[str, object] = {"output_layer_spearman_abs": steps[1].spearman_abs}
+        extras: dict[str, object] = {"output_layer_rank_corr": steps[first].rank_corr}
         if self.mode == "independent":
-            changed = [s.spearman_abs < self.threshold for s in steps[1:]]
+            changed = [s.rank_corr < self.threshold for s in steps[first:]]
             extras["layers_changing_map_share"] = float(np.mean(changed))
         return SanityResult(
             method=_method_name(self.method), model=self.model.name, check=self.mode, steps=steps,
-            threshold=self.threshold, verdict=_verdict(steps[decisive].spearman_abs, self.threshold),
+            threshold=self.threshold, decision=_decide(estimates[steps[decisive].step], self.threshold, self.mode),
             decisive_step=decisive, n_images=int(self.images),
             settings={**self.settings, "randomize": self.randomize, "seed": self.seed}, extras=extras)
 
@@ -489,10 +510,11 @@ class ModelRandomization(Metric):
         return {"metric": self.name, **res.summary(), "steps": [dataclasses.asdict(s) for s in res.steps],
                 "how_measured": (
                     f"{self.mode} re-initialization ({self.randomize}) of parameterized layers, output → input; "
-                    "Spearman of |map| and of the signed map, SSIM and HOG-descriptor Pearson on |map| "
-                    f"scaled to [0,1], each against the trained model's map, averaged over images; pass if "
-                    f"Spearman |map| < {self.threshold:g} at the "
-                    f"{'last step' if self.mode == 'cascading' else 'output-side layer'}")}
+                    "rank correlation (Spearman) of the maps and of |map|, SSIM and HOG-descriptor Pearson on "
+                    "|map| scaled to [0,1], each against the trained model's map, averaged over photos with 95% "
+                    f"bootstrap intervals; pass if the whole interval of the rank correlation is below "
+                    f"{self.threshold:g} at the {'last step' if self.mode == 'cascading' else 'output-side layer'}, "
+                    f"fail if it is entirely at or above, inconclusive otherwise or on fewer than {MIN_N} photos")}
 
 
 def model_randomization(model: FaceModel, inputs: torch.Tensor | np.ndarray | Sequence[Any], method: MethodSpec, *,
@@ -628,12 +650,12 @@ class DataRandomization(Metric):
         return rows
 
     def result(self) -> SanityResult:
-        steps = _aggregate(self.rows)
+        steps, estimates = _aggregate(self.rows, self.seed)
         if len(steps) < 2:
             raise ModelError("no batch was added: call update() first")
         return SanityResult(
             method=_method_name(self.method), model=self.model.name, check="data", steps=steps,
-            threshold=self.threshold, verdict=_verdict(steps[1].spearman_abs, self.threshold), decisive_step=1,
+            threshold=self.threshold, decision=_decide(estimates[1], self.threshold, "data"), decisive_step=1,
             n_images=int(self.images), settings={**self.settings, "seed": self.seed,
                                                  "regularization": self.regularization},
             extras=dict(self.fit_info))
@@ -644,8 +666,10 @@ class DataRandomization(Metric):
         res = self.result()
         return {"metric": self.name, **res.summary(), "steps": [dataclasses.asdict(s) for s in res.steps],
                 "how_measured": ("logistic-regression probes on the network's features, trained on true and on "
-                                 "shuffled labels; maps of each head for the true label compared with Spearman "
-                                 f"(|map|, signed), SSIM and HOG; pass if Spearman |map| < {self.threshold:g}")}
+                                 "shuffled labels; maps of each head for the true label compared by rank "
+                                 "correlation (signed and |map|), SSIM and HOG with 95% bootstrap intervals over "
+                                 f"photos; pass if the whole interval of the rank correlation is below "
+                                 f"{self.threshold:g}, fail if entirely at or above, else inconclusive")}
 
 
 def data_randomization(model: FaceModel, inputs: torch.Tensor | np.ndarray | Sequence[Any], labels: Sequence[Any],
@@ -668,8 +692,9 @@ def data_randomization(model: FaceModel, inputs: torch.Tensor | np.ndarray | Seq
 def plot(results: SanityResult | Sequence[SanityResult], title: str | None = None) -> np.ndarray:
     """Adebayo-style curves: each similarity measure across randomization steps, one line per method.
 
-    Solid lines are on absolute maps; a dashed line shows the signed-map Spearman where it
-    differs from the absolute one (signed methods). Results are drawn against their step
+    The first panel shows the decisive measure (rank correlation of the maps, sign kept) with its
+    95 % interval as a band, and, dashed, the rank correlation of |map| where it differs; SSIM and HOG
+    are on absolute maps. Results are drawn against their step
     number, labelled with the longest result's layers, so pass results of one model and
     one check. Returns an RGB ``uint8`` array (matplotlib Agg, no display needed).
     """
@@ -681,7 +706,8 @@ def plot(results: SanityResult | Sequence[SanityResult], title: str | None = Non
     if not res:
         raise ModelError("nothing to plot")
     cmap = colormaps["tab10" if len(res) <= 10 else "tab20"]
-    panels = (("Spearman rank correlation", "spearman_abs"), ("SSIM", "ssim"), ("HOG similarity", "hog"))
+    panels = (("rank correlation (decides)", "rank_corr"), ("SSIM of |map|", "ssim_abs"),
+              ("HOG correlation of |map|", "hog_abs"))
     labels = [s.layer for s in max(res, key=lambda r: len(r.steps)).steps]
     width = max(11.0, 5.0 + 0.25 * len(labels) * 3)
     fig = Figure(figsize=(width, 4.6), dpi=100)
@@ -693,12 +719,16 @@ def plot(results: SanityResult | Sequence[SanityResult], title: str | None = Non
             color = cmap(k % cmap.N)
             (line,) = ax.plot(x, [getattr(s, key) for s in r.steps], color=color, marker="o", markersize=3,
                               linewidth=1.5, label=f"{r.method} [{r.verdict}]")
-            if key == "spearman_abs":
+            if key == "rank_corr":
                 handles.append(line)
-                signed = [s.spearman_signed for s in r.steps]
-                if not np.allclose(signed, [s.spearman_abs for s in r.steps]):
-                    ax.plot(x, signed, color=color, linestyle="--", linewidth=1.0, alpha=0.7)
-        if key == "spearman_abs":
+                lo = np.array([s.rank_corr_ci[0] for s in r.steps], float)
+                hi = np.array([s.rank_corr_ci[1] for s in r.steps], float)
+                if np.isfinite(lo).any():
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+                absolute = [s.rank_corr_abs for s in r.steps]
+                if not np.allclose(absolute, [s.rank_corr for s in r.steps]):
+                    ax.plot(x, absolute, color=color, linestyle="--", linewidth=1.0, alpha=0.7)
+        if key == "rank_corr":
             ax.axhline(res[0].threshold, color="gray", linewidth=0.8, linestyle=":")
         ax.set_title(name, fontsize=10)
         ax.set_xticks(range(len(labels)))
@@ -707,7 +737,7 @@ def plot(results: SanityResult | Sequence[SanityResult], title: str | None = Non
         ax.grid(linestyle=":", linewidth=0.5)
     axes[0].set_ylabel("similarity to the trained model's map")
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False,
-               title="solid |map|, dashed signed;\ndotted: pass threshold", title_fontsize=6)
+               title="band: 95% interval; dashed: of |map|;\ndotted: pass threshold", title_fontsize=6)
     check = {r.check for r in res}
     fig.suptitle(title or f"Sanity check ({', '.join(sorted(check))}) — {res[0].model}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 0.84, 1))
