@@ -80,6 +80,26 @@ def test_default_report_html_is_self_contained(default_report):
     assert page.index("Where the network looks</h2>") < page.index("What the filters detect</h2>")
 
 
+def test_default_report_leads_with_what_holds_and_warns_beside_every_map(default_report):
+    data = json.loads((default_report / "report.json").read_text())
+    page = (default_report / "index.html").read_text()
+    # Key findings come first, and list only what the verdict rule supports
+    assert page.index("Key findings</h2>") < page.index("<nav>") < page.index('<section id="looks">')
+    assert all(": supported — " in f["finding"] for f in data["key_findings"])
+    # two portraits: every sanity verdict rests on fewer photos than a verdict needs, and the page says so
+    looks = data["sections"]["looks"]["data"]
+    for model in builder.DEFAULT_MODELS:
+        for row in looks[model]["sanity"]:
+            assert row["verdict"] == "inconclusive" and row["n_photos"] == 2 and "fewer than 8" in row["reason"]
+        assert looks[model]["target"]["n"] == 2 and "unit" in looks[model]["target"]
+        assert {r["map"] for r in looks[model]["faithfulness"]} >= {"random", "edges", "centre"}
+    section = page[page.index('<section id="looks">'):page.index('<section id="filters">')]
+    assert section.count("Sanity check not passed") == section.count("<figure><img") - len(builder.DEFAULT_MODELS)
+    # the no-manifest notice precedes the numbers it qualifies
+    anon = page[page.index('<section id="anonymization">'):]
+    assert anon.index("Illustration, not a measurement") < anon.index("<table")
+
+
 def test_a_corrupt_photo_among_good_ones_is_named_and_the_rest_is_built(tmp_path, capsys):
     from facelens.portraits import default_portraits
 

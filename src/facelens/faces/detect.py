@@ -16,8 +16,10 @@ explicit ``upsample`` (1 or 2) for crowds.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import dlib
@@ -157,16 +159,40 @@ def _ladder(shape_hw: tuple[int, int]) -> list[int]:
     return levels
 
 
+_RECENT_MAX = 64
+_recent: OrderedDict[tuple, list[Face]] = OrderedDict()
+_recent_lock = threading.Lock()
+
+
 def detect_faces(image: np.ndarray, *, upsample: int | None = None, min_score: float = 0.0) -> list[Face]:
     """Every face dlib's HOG detector finds, with landmarks, largest box first.
 
     ``upsample=None`` climbs the ladder described in the module docstring; an
     integer runs exactly that many ×2 upsamplings. ``min_score`` is passed to
     dlib as ``adjust_threshold``: negative values also return weaker detections.
+
+    The last 64 results are remembered by the image's content: a report or a study detects the
+    same photo once per model and per section (detection is a tenth of a second or more), and a
+    `Face` is immutable, so sharing it is safe.
     """
     rgb = _check_rgb(image)
     if upsample is not None and upsample < 0:
         raise ModelError(f"upsample must be >= 0 or None, got {upsample}")
+    key = (rgb.shape, hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).digest(), upsample,
+           float(min_score))
+    with _recent_lock:
+        if key in _recent:
+            _recent.move_to_end(key)
+            return list(_recent[key])
+    faces = _detect(rgb, upsample, min_score)
+    with _recent_lock:
+        _recent[key] = faces
+        while len(_recent) > _RECENT_MAX:
+            _recent.popitem(last=False)
+    return list(faces)
+
+
+def _detect(rgb: np.ndarray, upsample: int | None, min_score: float) -> list[Face]:
     detector = _hog_detector()
     levels = _ladder(rgb.shape[:2]) if upsample is None else [int(upsample)]
     rects: list[dlib.rectangle] = []

@@ -295,7 +295,9 @@ def trend(metric: str, values: Sequence[float]) -> Trend:
     if n <= 8:
         ranks = rankdata(vals[ok])
         perms = np.array(list(itertools.permutations(range(n))))
-        rho_perm = np.array([np.corrcoef(np.arange(n), ranks[p])[0, 1] for p in perms])
+        centred = ranks[perms] - ranks.mean()  # every ordering at once: Pearson of ranks with depth
+        x = np.arange(n) - (n - 1) / 2
+        rho_perm = (centred @ x) / (np.sqrt((centred**2).sum(1)) * np.sqrt((x**2).sum()))
         p = float(np.mean(np.abs(rho_perm) >= abs(rho) - 1e-12))
     else:
         p = float(spearmanr(depth, vals[ok]).pvalue)
@@ -379,7 +381,9 @@ def filter_stats(model: FaceModel, faces: torch.Tensor, layers: Sequence[str] | 
             out = layer_outputs(model, modules, faces[i:i + batch_size])
             for m in modules:
                 collected[m].append(out[m])
-    aliases = {v: k for k, v in model.layers.items()}
+    aliases: dict[str, str] = {}
+    for k, v in model.layers.items():  # the depth alias wins when one layer has two (dlib-age's early is its cam)
+        aliases.setdefault(v, k)
     vis = {resolve_layer(model, k): v for k, v in (visualizations or {}).items()}
     rows: list[LayerStats] = []
     for depth, module in enumerate(modules):

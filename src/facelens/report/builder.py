@@ -56,6 +56,8 @@ class SectionResult:
     seconds: float = 0.0
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: supported verdicts only, one sentence each (with n and interval), for the report's Key findings
+    findings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,8 +75,9 @@ class Report:
             "environment": self.environment,
             "inputs": [p.as_dict() for p in self.inputs],
             "bad_inputs": [p.as_dict() for p in self.inputs if not p.ok],
+            "key_findings": [{"section": s.key, "finding": f} for s in self.sections for f in s.findings],
             "sections": {s.key: {"title": s.title, "seconds": round(s.seconds, 3), "error": s.error,
-                                 "notes": s.notes, "data": s.data} for s in self.sections},
+                                 "notes": s.notes, "findings": s.findings, "data": s.data} for s in self.sections},
             "seconds": round(self.seconds, 3),
         }
 
@@ -85,6 +88,7 @@ class Report:
             "<p>This report was generated offline by facelens. It shows where face models look when they decide, "
             "whether those explanations can be trusted, and what follows for privacy and fairness. Every number "
             "says how it was measured; every figure has a caption.</p>",
+            _key_findings_html(self.sections, self.settings),
             f"<nav><ol>{toc}</ol></nav>",
             _inputs_html(self.inputs),
         ]
@@ -99,6 +103,36 @@ class Report:
         env = ", ".join(f"{k} {v}" for k, v in self.environment.items())
         body.append(f'<footer class="how">Built in {self.seconds:.1f} s on {H.escape(env)}.</footer>')
         return H.page("facelens report", body)
+
+
+KEY_FINDINGS_PER_SECTION = 4
+
+
+def _key_findings_html(sections: list[SectionResult], settings: ReportSettings) -> str:
+    """Only what the data support (the verdict rule said "supported"), each linked to its section; at most
+    a few per section, so that no one section's list buries the others."""
+    items = []
+    for s in sections:
+        link = f'<a href="#{H.escape(s.key)}">({H.escape(s.title)})</a>'
+        items += [f"<li>{H.escape(f)} {link}</li>" for f in s.findings[:KEY_FINDINGS_PER_SECTION]]
+        if len(s.findings) > KEY_FINDINGS_PER_SECTION:
+            items.append(f"<li>… and {len(s.findings) - KEY_FINDINGS_PER_SECTION} more supported findings in "
+                         f"{link}</li>")
+    parts = []
+    if not settings.manifest:
+        parts.append('<p class="note">No manifest was given: the studies below run on the input photos and altered '
+                     "copies of them. They are illustrations of the method, not measurements, and give no verdict. "
+                     "For findings, run with <code>--manifest</code> (a CSV of photos with identities and "
+                     "labels).</p>")
+    if items:
+        parts.append(f"<ul>{''.join(items)}</ul>")
+    else:
+        parts.append("<p>No finding is supported by this run's data. Most verdicts below are inconclusive: they rest "
+                     "on fewer photos than the 8 a verdict needs, or their intervals contain the threshold. That is "
+                     "an answer too: these numbers cannot carry a conclusion.</p>")
+    parts.append('<p class="how">A finding is listed only when its whole 95% interval lies on the claimed side of '
+                 "the stated threshold, on at least 8 independent photos or people.</p>")
+    return H.section("Key findings", parts, anchor="key-findings", level=2)
 
 
 def _inputs_html(inputs: list[InputPhoto]) -> str:

@@ -31,8 +31,18 @@ PRIVACY_NOTES = (
 )
 
 
+ILLUSTRATION_NOTICE = ('<p class="note">Illustration, not a measurement: no manifest was given, so this study runs '
+                       "on the input photos and altered copies of them (each photo its own identity). The numbers "
+                       "below show that the pipeline runs; they support no verdict.</p>")
+
+
 def _recognizer(models: list[FaceModel]) -> FaceModel | None:
     return next((m for m in models if m.task == "embedding"), None)
+
+
+def supported(lines: list[str]) -> list[str]:
+    """The verdict sentences the rule marked "supported" (:meth:`facelens.evaluate.verdict.Verdict.sentence`)."""
+    return [line for line in lines if ": supported — " in line]
 
 
 def looks(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto], reference: InputPhoto | None,
@@ -44,6 +54,7 @@ def looks(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto],
     for m in models:
         res = where_it_looks(m, photos, methods=methods, reference=reference, sanity=s.sanity, seed=s.seed)
         sec.data[m.name] = res.data
+        sec.findings.extend(res.data.get("findings", []))
         parts.append(res.html)
         for err in res.errors:
             sec.notes.append(f"{m.name}: {err['photo']} left out: {err['reason']}")
@@ -98,10 +109,11 @@ def anonymization(sec: SectionResult, models: list[FaceModel], photos: list[Inpu
     from ..studies.anonymization import anonymization_audit
 
     rows = _manifest_rows(s)
-    parts = []
+    parts = [] if rows is not None else [ILLUSTRATION_NOTICE]
     for m in models:
         res = anonymization_audit(rows if rows is not None else _as_portraits(photos), m, seed=s.seed)
         sec.data[m.name] = res.as_json()
+        sec.findings.extend(f"{m.name}: {v}" for v in supported(res.verdicts))
         parts.append(res.html(level=3))
     sec.html = "\n".join(parts)
 
@@ -117,7 +129,8 @@ def one_shot(sec: SectionResult, models: list[FaceModel], photos: list[InputPhot
     rows = _manifest_rows(s)
     res = one_shot_audit(rows if rows is not None else _as_portraits(photos), rec, seed=s.seed)
     sec.data[rec.name] = res.as_json()
-    sec.html = res.html(level=3)
+    sec.findings.extend(f"{rec.name}: {v}" for v in supported(res.verdicts))
+    sec.html = ("" if rows is not None else ILLUSTRATION_NOTICE) + res.html(level=3)
 
 
 def bias(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None:
@@ -143,6 +156,7 @@ def bias(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None
     args.rows = rows
     res = STUDIES["bias"].run(args)
     sec.data = res.as_json()
+    sec.findings.extend(supported(res.verdicts))
     sec.html = res.html(level=3)
 
 
@@ -153,6 +167,7 @@ def shipping(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> 
     for m in models:
         res = shipping_table(m, seed=s.seed)
         sec.data[m.name] = res.as_json()
+        sec.findings.extend(f"{m.name}: {v}" for v in supported(res.verdicts()))
         parts.append(res.html(level=3))
     parts.append(H.section("Privacy notes for biometric data", "<ul>" + "".join(
         f"<li>{H.escape(n)}</li>" for n in PRIVACY_NOTES) + "</ul>", level=3))
