@@ -138,7 +138,11 @@ def run_explain(args: argparse.Namespace) -> int:
     grid = out / "methods_grid.png"
     save_png(grid, figure_grid(exps, on="photo" if args.on_photo else "chip",
                                title=f"{exps[0].model}: {exps[0].target}"))
-    write_json(out / "explanations.json", {"image": args.image, "explanations": records, "grid": str(grid)})
+    match = _match_line(args, exps[0])
+    write_json(out / "explanations.json", {"image": args.image, "reference": args.reference, "match": match,
+                                           "explanations": records, "grid": str(grid)})
+    if match:
+        print(match)
     rng = exps[0].target_range
     if rng is not None:
         imp = f", impostor median {rng.impostor:.3g}" if rng.impostor is not None else ""
@@ -148,6 +152,29 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  score={r['score']:.4g}")
     print(out / "explanations.json")
     return 0
+
+
+def _match_line(args: argparse.Namespace, e: object) -> str | None:
+    """For a recognizer explained against a reference: the model's own decision, so a map of a non-match is
+    never read as the explanation of a match."""
+    from .models import load_model
+
+    model = load_model(args.model)
+    if args.reference is None or model.task != "embedding":
+        return None
+    a = model.embed(e.photo, face=e.chip.face)  # type: ignore[attr-defined]
+    b = model.embed(args.reference)
+    d = model.distance(a, b)
+    line = f"match: distance {d:.3f} to the reference"
+    if model.match_threshold is not None:
+        same = d < model.match_threshold
+        verdict = "the same person" if same else "not the same person"
+        line += f" {'<' if same else '≥'} {model.match_threshold:g}: {verdict} by {model.name}'s rule"
+    if model.cohort is not None and model.cohort.impostor_quantiles:
+        q = model.cohort.impostor_quantiles
+        line += (f"; strangers score {q['q05']:.2f} to {q['q95']:.2f} on the cohort z-score (5–95 %), the same "
+                 f"person about {model.cohort.genuine_quantiles.get('median', float('nan')):.1f}")
+    return line
 
 
 @command("explain", "saliency maps of one face with one or several methods")
@@ -184,9 +211,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"  skipped {bad['path']}: {bad['reason']}", file=sys.stderr)
     t = result.target
     if t:
-        imp = f", impostor median {t['impostor_median']:.3g}" if t.get("impostor_median") is not None else ""
+        imp = (f"; impostor median {t['impostor_median']:.3g} ({t.get('impostor_source', '')})"
+               if t.get("impostor_median") is not None else "")
         print(f"target: {t['description']} [{t['unit']}]: intact {t['intact']:.3g}, fully blurred "
-              f"{t['deleted_blur']:.3g}, mean-filled {t['deleted_mean']:.3g}{imp} (means over {t['n']} photos)")
+              f"{t['deleted_blur']:.3g}, mean-filled {t['deleted_mean']:.3g} (means over {t['n']} photos){imp}")
     for line in result.verdicts:
         print(f"  {line}")
     print(paths["json"])

@@ -24,17 +24,17 @@ def test_spearman_of_a_two_pixel_swap_is_the_closed_form() -> None:
     b.flat[[0, 1]] = b.flat[[1, 0]]  # swap two neighbouring ranks: Σd² = 2
     expected = 1 - 6 * 2 / (49 * (49**2 - 1))
     s = sanity.map_similarity(a, b)
-    assert s["rank_corr_abs"] == pytest.approx(expected, abs=1e-12)
+    assert s["rank_corr_of_abs_maps"] == pytest.approx(expected, abs=1e-12)
     assert s["rank_corr"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_map_and_its_negation_agree_in_magnitude_and_disagree_in_sign() -> None:
     a = np.random.default_rng(1).normal(size=(9, 9))
     s = sanity.map_similarity(a, -a)
-    assert s["rank_corr_abs"] == pytest.approx(1.0)
+    assert s["rank_corr_of_abs_maps"] == pytest.approx(1.0)
     assert s["rank_corr"] == pytest.approx(-1.0)  # the decisive measure: an inverted map has changed
-    assert s["ssim_abs"] == pytest.approx(1.0)  # SSIM and HOG look at |map| only
-    assert s["hog_abs"] == pytest.approx(1.0)
+    assert s["ssim_of_abs_maps"] == pytest.approx(1.0)  # SSIM and HOG look at |map| only
+    assert s["hog_of_abs_maps"] == pytest.approx(1.0)
 
 
 def test_ssim_of_a_map_and_its_complement_is_the_closed_form() -> None:
@@ -66,7 +66,7 @@ def test_hog_of_a_vertical_and_a_horizontal_edge_is_minus_one_eighth() -> None:
 def test_flat_maps_count_as_unrelated() -> None:
     a = np.random.default_rng(2).random((16, 16))
     s = sanity.map_similarity(a, np.zeros((16, 16)))
-    assert s["rank_corr_abs"] == 0.0 and s["hog_abs"] == 0.0
+    assert s["rank_corr_of_abs_maps"] == 0.0 and s["hog_of_abs_maps"] == 0.0
 
 
 # -- layer order and randomization ---------------------------------------------------------------------------
@@ -190,7 +190,8 @@ def test_randomizing_a_trained_model_changes_gradcam(gradcam_cascade: sanity.San
     assert res.verdict == "pass" and res.decision.status == "supported"
     assert res.n_images == N_PHOTOS and res.decision.estimate.n_clusters == N_PHOTOS
     rows = res.to_rows()
-    assert len(rows) == len(res.steps) and {"layer", "step", "ssim_abs", "hog_abs", "verdict"} <= set(rows[0])
+    assert len(rows) == len(res.steps)
+    assert {"layer", "step", "ssim_of_abs_maps", "hog_of_abs_maps", "verdict"} <= set(rows[0])
     assert res.summary()["ci"] == [lo, hi] and "interval" in res.summary()["sentence"]
 
 
@@ -282,6 +283,25 @@ def test_a_method_that_ignores_the_model_fails_and_one_that_reads_the_weights_pa
     assert reader.decisive.rank_corr_ci[1] < sanity.PASS_THRESHOLD and reader.verdict == "pass"
     few = sanity.model_randomization(model, x[:3], _edges_of_input)
     assert few.verdict == "inconclusive" and "fewer than 8" in few.decision.reason  # same maps, too few photos
+
+
+def test_a_map_that_goes_flat_is_counted_as_changed_and_the_sentence_says_so() -> None:
+    model = _tiny_model()
+    x = torch.rand(N_PHOTOS, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    trained_conv = dict(model.net.named_modules())["model.conv"].weight.detach().clone()
+
+    def vanishes(m: object, xs: torch.Tensor, targets: object) -> torch.Tensor:
+        """The image on the trained weights; nothing at all once the first convolution is random."""
+        conv = dict(m.net.named_modules())["model.conv"].weight  # type: ignore[attr-defined]
+        trained = torch.equal(conv.detach(), trained_conv)
+        return xs.mean(1) if trained else torch.zeros(xs.shape[0], *xs.shape[-2:])
+
+    res = sanity.model_randomization(model, x, vanishes)
+    assert res.steps[0].flat_maps == 0 and res.steps[0].rank_corr == pytest.approx(1.0)  # the trained map is not
+    assert res.decisive.flat_maps == N_PHOTOS and res.decisive.rank_corr == 0.0
+    assert res.verdict == "pass" and "became flat" in res.decision.reason
+    assert res.summary()["flat_maps"] == N_PHOTOS
 
 
 def test_bad_inputs_are_refused() -> None:

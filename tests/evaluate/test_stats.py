@@ -92,3 +92,13 @@ def test_too_few_units_no_interval_or_an_illustration_is_inconclusive() -> None:
     assert verdict.decide("x", ok, 0.5).status == "supported"
     assert verdict.decide("x", ok, 0.5, illustration=True).status == "inconclusive"
     assert verdict.sanity_word(verdict.decide("x", ok, 0.5, direction="below")) == "fail"
+
+
+def test_few_units_get_at_least_students_t_interval() -> None:
+    from scipy.stats import t
+
+    v = np.random.default_rng(3).normal(0.0, 1.0, 6)
+    e = stats.mean_interval(v, ci=0.99)
+    half = t.ppf(0.995, 5) * v.std(ddof=1) / np.sqrt(6)
+    assert e.lo <= v.mean() - half + 1e-12 and e.hi >= v.mean() + half - 1e-12  # the bootstrap alone is narrower
+    assert "Student t" in e.method

@@ -364,7 +364,7 @@ def test_cli_contrast_end_to_end(contrast_run):
     (overall,) = data["summary"]["dlib-gender accuracy | all"].values()
     assert overall["n"] == sum(v["n"] for v in cells.values()) == 16 - data["counts"]["no_face_or_unreadable"]
     by_metric = {c["metric"]: c for c in data["summary"]["contrasts"]}
-    assert set(by_metric) == {"dlib-gender accuracy", "dlib-age MAE (years)"}  # no identities: no FNMR/FMR
+    assert set(by_metric) == {"dlib-gender accuracy"}  # one planned comparison: on the one metric it names
     acc = by_metric["dlib-gender accuracy"]
     assert (acc["a"], acc["b"]) == ("male × asian", "female × white") and acc["attribute"] == "sex × race"
     a, b = acc["groups"]["male × asian"], acc["groups"]["female × white"]
@@ -380,6 +380,8 @@ def test_cli_contrast_end_to_end(contrast_run):
     rows = data["tables"]["contrasts"]
     assert {r["metric"] for r in rows} == set(by_metric) and rows[0]["a"] == "male × asian"
     assert any("FNMR" in n or "not measured" in n for n in data["notes"])
+    assert any("no identity labels" in n for n in data["notes"])  # photos counted as people, said so
+    assert data["model"] == "dlib-gender, dlib-age"  # the models that measured something
     _no_zero_width(data)
     assert (data["_out"] / "bias_contrast.png").stat().st_size > 1000
     assert (data["_out"] / "bias_groups.png").stat().st_size > 1000

@@ -91,7 +91,7 @@ class EvaluationResult:
         intervals = {"auc_mean": "ci", "auc_normalized_mean": "auc_normalized_ci", "hit_rate": "ci",
                      "mass_share_mean": "ci", "spearman_mean": "ci", "average_drop_pct": "ci",
                      "increase_in_confidence_pct": "increase_ci", "win_pct": "win_ci", "rank_corr": "ci",
-                     "ssim_abs": "ssim_abs_ci"}
+                     "ssim_of_abs_maps": "ssim_of_abs_maps_ci"}
 
         def add(metric: str, method: str, result: dict[str, Any]) -> None:
             for name, value in result.items():
@@ -400,9 +400,10 @@ def compare_maps(values: dict[str, np.ndarray], clusters: Sequence[str], *, bett
     for (a, b), p, q in zip(pairs, p_raw, p_adj, strict=True):
         d = paired_difference(values[a], values[b], list(clusters), ci=level, seed=seed)
         v = decide(f"{a} {claim.split(' (')[0]} than {b}", d, 0.0, direction=better, min_n=MIN_N, unit="photos")
+        adjusted = f"; level Bonferroni-adjusted over {len(pairs)} comparisons" if len(pairs) > 1 else ""
         out.append({"a": a, "b": b, "difference": d.value, "ci": d.bounds, "level": level, "n": d.n,
                     "n_units": d.n_clusters, "p_wilcoxon": p, "p_holm": q, "status": v.status,
-                    "sentence": v.sentence()})
+                    "sentence": v.sentence()[:-1] + f"{adjusted}; Holm-adjusted Wilcoxon p = {q:.2g}."})
     return out
 
 
@@ -453,6 +454,8 @@ def _target_summary(ranges: Sequence[TargetRange],
     imp = summary.get("impostor_median")
     summary["removes_identity"] = None if imp is None else bool(max(summary["deleted_blur"],
                                                                     summary["deleted_mean"]) <= imp)
+    if imp is not None:  # per photo too: a mean can hide the one face that blurring does not remove
+        summary["photos_not_removed"] = sum(r.deleted > imp for r in ranges)
     return summary
 
 
@@ -465,14 +468,25 @@ def _verdicts(results: dict[str, dict[str, Any]], comparisons: dict[str, list[di
         out.append(f"Warning: removing the whole face leaves the target at {target['deleted']:.3g} {target['unit']}, "
                    f"above the impostor level {target['impostor_median']:.3g}: deletion and insertion AUCs on this "
                    "target measure little.")
+    elif target.get("photos_not_removed"):
+        out.append(f"Note: on {target['photos_not_removed']} of {target['n']} photos the fully deleted face still "
+                   f"scores above the impostor level ({target['impostor_median']:.3g}): their curves end above it.")
+    elif target.get("impostor_median") is None and target.get("n") and target["intact"] != 0 \
+            and target["deleted"] > 0.8 * target["intact"]:
+        out.append(f"Warning: removing the whole face keeps {100 * target['deleted'] / target['intact']:.0f}% of the "
+                   f"target ({target['deleted']:.3g} of {target['intact']:.3g} {target['unit']}): deletion and "
+                   "insertion AUCs on this target have little range to measure.")
     for metric, comps in comparisons.items():
         for c in comps:
             if c["b"] == "random" and c["a"] in methods:
                 out.append(f"{metric}: {c['sentence']}")
+    meaning = {"pass": "the map changes when the weights are destroyed",
+               "fail": "the map stays like the trained network's: it shows the image, not what was learned",
+               "inconclusive": "cannot tell"}
     for m in methods:
         s = results.get(f"sanity:{m}")
         if s and s.get("sentence"):
-            out.append(f"sanity, {m}: {s['verdict']} — {s['sentence']}")
+            out.append(f"sanity, {m}: {s['verdict']} ({meaning[s['verdict']]}) — {s['sentence']}")
     return out
 
 

@@ -13,8 +13,8 @@ destroyed. Two ways of destroying it:
   memorized noise does not explain what was learned.
 
 Similarity, as in the paper, each named for what it holds: ``rank_corr`` (Spearman rank correlation
-of the maps as the method returns them, sign kept), ``rank_corr_abs`` (of the absolute maps),
-``ssim_abs`` (SSIM) and ``hog_abs`` (Pearson correlation of HOG descriptors), the last two on the
+of the maps as the method returns them, sign kept), ``rank_corr_of_abs_maps`` (of the absolute maps),
+``ssim_of_abs_maps`` (SSIM) and ``hog_of_abs_maps`` (Pearson correlation of HOG descriptors), the last two on the
 absolute maps min-max normalized to [0, 1]. Every value is a mean over photos with a 95 % bootstrap
 interval.
 
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 PASS_THRESHOLD = 0.5
-MEASURES = ("rank_corr", "rank_corr_abs", "ssim_abs", "hog_abs")
+MEASURES = ("rank_corr", "rank_corr_of_abs_maps", "ssim_of_abs_maps", "hog_of_abs_maps")
 DECISIVE_MEASURE = "rank_corr"
 
 Check = Literal["cascading", "independent", "data"]
@@ -143,9 +143,9 @@ def map_similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
     o, m = np.asarray(original, np.float64), np.asarray(other, np.float64)
     return {
         "rank_corr": spearman(o, m),
-        "rank_corr_abs": spearman(np.abs(o), np.abs(m)),
-        "ssim_abs": ssim_similarity(o, m),
-        "hog_abs": hog_similarity(o, m),
+        "rank_corr_of_abs_maps": spearman(np.abs(o), np.abs(m)),
+        "ssim_of_abs_maps": ssim_similarity(o, m),
+        "hog_of_abs_maps": hog_similarity(o, m),
     }
 
 
@@ -340,12 +340,13 @@ class StepSimilarity:
     step: int
     layer: str
     rank_corr: float
-    rank_corr_abs: float
-    ssim_abs: float
-    hog_abs: float
+    rank_corr_of_abs_maps: float
+    ssim_of_abs_maps: float
+    hog_of_abs_maps: float
     n: int
     rank_corr_ci: tuple[float | None, float | None] = (None, None)
-    ssim_abs_ci: tuple[float | None, float | None] = (None, None)
+    ssim_of_abs_maps_ci: tuple[float | None, float | None] = (None, None)
+    flat_maps: int = 0  # photos whose map at this step is flat (no saliency anywhere): counted as unrelated
 
 
 @dataclass
@@ -386,10 +387,12 @@ class SanityResult:
 
     def summary(self) -> dict[str, object]:
         d = self.decisive
+        where = f"every layer (the cascade ended at {d.layer})" if self.check == "cascading" else d.layer
         return {"method": self.method, "model": self.model, "check": self.check, "verdict": self.verdict,
-                "decisive_layer": d.layer, "rank_corr": d.rank_corr, "ci": list(d.rank_corr_ci),
-                "rank_corr_abs": d.rank_corr_abs, "ssim_abs": d.ssim_abs, "ssim_abs_ci": list(d.ssim_abs_ci),
-                "hog_abs": d.hog_abs, "threshold": self.threshold, "n_images": self.n_images,
+                "decisive_step": where, "rank_corr": d.rank_corr, "ci": list(d.rank_corr_ci),
+                "rank_corr_of_abs_maps": d.rank_corr_of_abs_maps, "ssim_of_abs_maps": d.ssim_of_abs_maps,
+                "ssim_of_abs_maps_ci": list(d.ssim_of_abs_maps_ci), "hog_of_abs_maps": d.hog_of_abs_maps,
+                "flat_maps": d.flat_maps, "threshold": self.threshold, "n_images": self.n_images,
                 "decision": self.decision.as_dict(), "sentence": self.decision.sentence(), **self.extras}
 
 
@@ -403,19 +406,24 @@ def _aggregate(rows: Sequence[dict[str, Any]], seed: int = 0) -> tuple[list[Step
         rs = by_step[step]
         vals = {k: np.array([r[k] for r in rs], np.float64) for k in MEASURES}
         rho = mean_interval(vals[DECISIVE_MEASURE], [r["image"] for r in rs], seed=seed)
-        ssim = mean_interval(vals["ssim_abs"], [r["image"] for r in rs], seed=seed)
+        ssim = mean_interval(vals["ssim_of_abs_maps"], [r["image"] for r in rs], seed=seed)
         estimates[step] = rho
         out.append(StepSimilarity(step=step, layer=str(rs[0]["layer"]), n=len(rs),
-                                  rank_corr_ci=tuple(rho.bounds), ssim_abs_ci=tuple(ssim.bounds),
+                                  rank_corr_ci=tuple(rho.bounds), ssim_of_abs_maps_ci=tuple(ssim.bounds),
+                                  flat_maps=sum(bool(r.get("flat")) for r in rs),
                                   **{k: float(v.mean()) for k, v in vals.items()}))
     return out, estimates
 
 
-def _decide(estimate: Estimate, threshold: float, check: str) -> Verdict:
+def _decide(estimate: Estimate, threshold: float, check: str, flat: int = 0) -> Verdict:
     what = {"cascading": "every layer re-initialized", "independent": "the output layer re-initialized",
             "data": "the head trained on shuffled labels"}[check]
-    return decide(f"the map changes with {what} (rank correlation with the trained map below {threshold:g})",
-                  estimate, threshold, direction="below", min_n=MIN_N, unit="photos")
+    v = decide(f"the map changes with {what} (rank correlation with the trained map below {threshold:g})",
+               estimate, threshold, direction="below", min_n=MIN_N, unit="photos")
+    if flat:  # a flat map has no ranks: it is counted as unrelated (ρ = 0), and the sentence says so
+        v = dataclasses.replace(v, reason=f"{v.reason}; {flat} of {estimate.n} maps became flat (no saliency "
+                                          "anywhere), counted as unrelated (rank correlation 0)")
+    return v
 
 
 # -- model-parameter randomization ------------------------------------------------------------------------------
@@ -483,8 +491,8 @@ class ModelRandomization(Metric):
         return rows
 
     def _rows(self, base: np.ndarray, maps: np.ndarray, step: int, label: str) -> list[dict[str, Any]]:
-        return [{"image": self.images + i, "step": step, "layer": label, **map_similarity(base[i], maps[i])}
-                for i in range(len(base))]
+        return [{"image": self.images + i, "step": step, "layer": label, "flat": bool(np.ptp(maps[i]) == 0),
+                 **map_similarity(base[i], maps[i])} for i in range(len(base))]
 
     def result(self) -> SanityResult:
         steps, estimates = _aggregate(self.rows, self.seed)
@@ -499,7 +507,8 @@ class ModelRandomization(Metric):
             extras["layers_changing_map_share"] = float(np.mean(changed))
         return SanityResult(
             method=_method_name(self.method), model=self.model.name, check=self.mode, steps=steps,
-            threshold=self.threshold, decision=_decide(estimates[steps[decisive].step], self.threshold, self.mode),
+            threshold=self.threshold, decision=_decide(estimates[steps[decisive].step], self.threshold, self.mode,
+                                                       steps[decisive].flat_maps),
             decisive_step=decisive, n_images=int(self.images),
             settings={**self.settings, "randomize": self.randomize, "seed": self.seed}, extras=extras)
 
@@ -643,7 +652,8 @@ class DataRandomization(Metric):
         rows = []
         for step, label, maps in ((0, "true labels", maps_of(self.heads["true"])),
                                   (1, "shuffled labels", maps_of(self.heads["shuffled"]))):
-            rows += [{"image": self.images + i, "step": step, "layer": label, **map_similarity(base[i], maps[i])}
+            rows += [{"image": self.images + i, "step": step, "layer": label, "flat": bool(np.ptp(maps[i]) == 0),
+                      **map_similarity(base[i], maps[i])}
                      for i in range(x.shape[0])]
         self.rows.extend(rows)
         self.images += x.shape[0]
@@ -655,7 +665,8 @@ class DataRandomization(Metric):
             raise ModelError("no batch was added: call update() first")
         return SanityResult(
             method=_method_name(self.method), model=self.model.name, check="data", steps=steps,
-            threshold=self.threshold, decision=_decide(estimates[1], self.threshold, "data"), decisive_step=1,
+            threshold=self.threshold, decision=_decide(estimates[1], self.threshold, "data", steps[1].flat_maps),
+            decisive_step=1,
             n_images=int(self.images), settings={**self.settings, "seed": self.seed,
                                                  "regularization": self.regularization},
             extras=dict(self.fit_info))
@@ -706,8 +717,8 @@ def plot(results: SanityResult | Sequence[SanityResult], title: str | None = Non
     if not res:
         raise ModelError("nothing to plot")
     cmap = colormaps["tab10" if len(res) <= 10 else "tab20"]
-    panels = (("rank correlation (decides)", "rank_corr"), ("SSIM of |map|", "ssim_abs"),
-              ("HOG correlation of |map|", "hog_abs"))
+    panels = (("rank correlation (decides)", "rank_corr"), ("SSIM of |map|", "ssim_of_abs_maps"),
+              ("HOG correlation of |map|", "hog_of_abs_maps"))
     labels = [s.layer for s in max(res, key=lambda r: len(r.steps)).steps]
     width = max(11.0, 5.0 + 0.25 * len(labels) * 3)
     fig = Figure(figsize=(width, 4.6), dpi=100)
@@ -725,7 +736,7 @@ def plot(results: SanityResult | Sequence[SanityResult], title: str | None = Non
                 hi = np.array([s.rank_corr_ci[1] for s in r.steps], float)
                 if np.isfinite(lo).any():
                     ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
-                absolute = [s.rank_corr_abs for s in r.steps]
+                absolute = [s.rank_corr_of_abs_maps for s in r.steps]
                 if not np.allclose(absolute, [s.rank_corr for s in r.steps]):
                     ax.plot(x, absolute, color=color, linestyle="--", linewidth=1.0, alpha=0.7)
         if key == "rank_corr":

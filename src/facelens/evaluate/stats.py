@@ -186,8 +186,24 @@ def ratio_interval(values: Any, weights: Any = None, clusters: Any = None, *, ci
 
 def mean_interval(values: Any, clusters: Any = None, *, ci: float = CI, n_boot: int = N_BOOT,
                   seed: int = 0) -> Estimate:
-    """The mean over units with its percentile-bootstrap interval (one unit: no interval)."""
-    return ratio_interval(values, None, clusters, ci=ci, n_boot=n_boot, seed=seed)
+    """The mean over units: the union of the percentile-bootstrap interval and Student's t interval over
+    the units' means (one unit: no interval).
+
+    The percentile bootstrap is too narrow with few units (with 12 photos its 99.7 % interval covers
+    far less than that); the t interval (scipy) is the honest one there and the bootstrap the safer one
+    for skewed values with many units, so the wider of the two is reported.
+    """
+    from scipy.stats import t as student_t
+
+    e = ratio_interval(values, None, clusters, ci=ci, n_boot=n_boot, seed=seed)
+    num, den, _ = _cluster_sums(values, None, clusters)
+    k = len(num)
+    if k < 2 or not e.finite:
+        return e
+    means = num / den
+    half = float(student_t.ppf(0.5 + ci / 2, k - 1) * means.std(ddof=1) / math.sqrt(k))
+    lo, hi = min(e.lo, e.value - half), max(e.hi, e.value + half)
+    return Estimate(e.value, lo, hi, e.n, e.n_clusters, ci, e.trials, f"{e.method} ∪ Student t")
 
 
 # -- proportions ----------------------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ def overlay(image: np.ndarray, saliency: np.ndarray, *, signed: bool = False, al
 def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title: str | None = None,
                 captions: bool = True) -> np.ndarray:
     """A side-by-side grid of methods (with colorbars) as an RGB array, ready to save as PNG."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     n = len(explanations)
     cols = min(n, 4) + 1
     rows = -(-n // (cols - 1))
@@ -92,9 +95,9 @@ def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title:
         img = e.chip.image if on == "chip" else e.photo
         region = None if on == "chip" else e.chip_region_on_photo()
         ax.imshow(overlay(img, sal, signed=e.signed, region=region))
-        norm = normalize_map(sal, e.signed)
-        im = ax.imshow(norm, cmap="bwr" if e.signed else "jet", vmin=-1 if e.signed else 0, vmax=1, alpha=0)
-        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        # the overlay's own colour scale (an invisible image would give a blank bar)
+        scale = ScalarMappable(Normalize(-1 if e.signed else 0, 1), cmap="bwr" if e.signed else "jet")
+        cb = fig.colorbar(scale, ax=ax, fraction=0.046, pad=0.02)
         cb.ax.tick_params(labelsize=6)
         cb.set_label("evidence against ↔ for" if e.signed else "relative saliency", fontsize=6)
         if captions:

@@ -88,7 +88,8 @@ class Cohort:
         return (_unit(np.atleast_2d(probes)) @ v - mu) / sd
 
     def describe(self) -> str:
-        src = self.provenance.get("source", "user-supplied embeddings")
+        datasets = self.provenance.get("datasets")
+        src = ", ".join(datasets) if datasets else self.provenance.get("source", "user-supplied embeddings")
         return f"{self.n_identities} people ({self.n_photos} photos) of {src}"
 
     def summary(self) -> dict[str, Any]:

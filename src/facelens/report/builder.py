@@ -120,18 +120,26 @@ def _key_findings_html(sections: list[SectionResult], settings: ReportSettings) 
                          f"{link}</li>")
     parts = []
     if not settings.manifest:
-        parts.append('<p class="note">No manifest was given: the studies below run on the input photos and altered '
-                     "copies of them. They are illustrations of the method, not measurements, and give no verdict. "
-                     "For findings, run with <code>--manifest</code> (a CSV of photos with identities and "
-                     "labels).</p>")
+        parts.append('<p class="note">No manifest was given: the maps, the anonymization and the one-shot study run '
+                     "on the input photos and altered copies of them. They illustrate the methods, are not "
+                     "measurements of the models, and give no verdict; the findings below can only be about what "
+                     "does not depend on the photos (the timing of the exports). For findings about the models, run "
+                     "with <code>--manifest</code> (a CSV of photos with identities and labels).</p>")
     if items:
         parts.append(f"<ul>{''.join(items)}</ul>")
+        quiet = [f'<a href="#{H.escape(s.key)}">{H.escape(s.title)}</a>' for s in sections
+                 if not s.findings and not s.error and not s.data.get("skipped")]
+        if quiet:
+            parts.append(f"<p>No supported finding in: {', '.join(quiet)}. Their numbers are shown with their "
+                         "intervals, but rest on too few photos or people, or their intervals contain the "
+                         "threshold.</p>")
     else:
         parts.append("<p>No finding is supported by this run's data. Most verdicts below are inconclusive: they rest "
                      "on fewer photos than the 8 a verdict needs, or their intervals contain the threshold. That is "
                      "an answer too: these numbers cannot carry a conclusion.</p>")
-    parts.append('<p class="how">A finding is listed only when its whole 95% interval lies on the claimed side of '
-                 "the stated threshold, on at least 8 independent photos or people.</p>")
+    parts.append('<p class="how">A finding is listed only when its whole interval (95%, or wider where adjusted for '
+                 "several comparisons) lies on the claimed side of the stated threshold, on at least 8 independent "
+                 "units: photos, people, or timing rounds.</p>")
     return H.section("Key findings", parts, anchor="key-findings", level=2)
 
 

@@ -246,8 +246,9 @@ def _sanity(model: FaceModel, methods: Sequence[str], x: torch.Tensor, targets: 
         r = check.result()
         s = r.summary()
         rows.append({"method": m, "verdict": r.verdict, "rank_corr": s["rank_corr"], "ci": s["ci"],
-                     "ssim_abs": s["ssim_abs"], "ssim_abs_ci": s["ssim_abs_ci"], "threshold": r.threshold,
-                     "n_photos": r.n_images, "reason": r.decision.reason, "sentence": r.decision.sentence()})
+                     "ssim_of_abs_maps": s["ssim_of_abs_maps"], "ssim_of_abs_maps_ci": s["ssim_of_abs_maps_ci"],
+                     "threshold": r.threshold, "n_photos": r.n_images, "reason": r.decision.reason,
+                     "sentence": r.decision.sentence()})
     return rows
 
 
@@ -325,9 +326,12 @@ def _html(model: FaceModel, data: dict[str, Any], figures: list[str], mean_share
     if t:
         imp = (f", impostor median {t['impostor_median']:.3g} ({t.get('impostor_source', '')})"
                if t.get("impostor_median") is not None else "")
-        parts.append(f'<p class="how">Target range, means over {t["n"]} photo(s), in {H.escape(t["unit"])}: intact '
-                     f'{t["intact"]:.3g}, fully blurred {t["deleted_blur"]:.3g}, mean-filled {t["deleted_mean"]:.3g}'
-                     f"{H.escape(imp)}. Faithfulness curves run between the intact and the fully blurred level.</p>")
+        own = ", each for its own top class" if model.task == "classification" else ""
+        parts.append(f'<p class="how">Target range, means over {t["n"]} photo(s){own}, in {H.escape(t["unit"])}: '
+                     f'intact {t["intact"]:.3g}, fully blurred {t["deleted_blur"]:.3g}, mean-filled '
+                     f'{t["deleted_mean"]:.3g}{H.escape(imp)}. Deletion curves start at the intact level and end at '
+                     "the fully blurred one (insertion the other way round); in between they can pass beyond "
+                     "either, since a partly removed face can score lower than a fully removed one.</p>")
     faith = [{"map": r["map"] + (" (control)" if r["control"] else ""), "photos": r["n_photos"],
               "deletion AUC": r["deletion_auc"], "95% interval (deletion)": _ci(r["deletion_ci"]),
               "insertion AUC": r["insertion_auc"], "95% interval (insertion)": _ci(r["insertion_ci"])}
@@ -349,7 +353,7 @@ def _html(model: FaceModel, data: dict[str, Any], figures: list[str], mean_share
     if data.get("sanity"):
         rows = [{"method": r["method"], "verdict": r["verdict"],
                  "rank correlation with the trained map": r["rank_corr"], "95% interval": _ci(r["ci"]),
-                 "SSIM of |map|": r["ssim_abs"], "photos": r["n_photos"],
+                 "SSIM of |map|": r["ssim_of_abs_maps"], "photos": r["n_photos"],
                  "why": r["reason"]} for r in data["sanity"]]
         parts.append(H.table(rows, caption=(
             "Sanity check (Adebayo et al.): each map of the trained network against the map of the same network with "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..evaluate.verdict import MIN_N
 from ..models.base import FaceModel
 from . import html as H
 from .inputs import InputPhoto
@@ -49,8 +50,13 @@ def looks(sec: SectionResult, models: list[FaceModel], photos: list[InputPhoto],
           s: ReportSettings) -> None:
     from .looks import DEFAULT_METHODS, where_it_looks
 
-    parts = []
     methods = s.methods or list(DEFAULT_METHODS)
+    usable = sum(p.image is not None for p in photos)
+    parts = [] if usable >= MIN_N else [
+        f'<p class="note">Illustration for the faithfulness and sanity numbers: {usable} photo(s), and a verdict needs '
+        f"at least {MIN_N}. The maps show what each method computes on these photos; whether a method can be "
+        f"trusted is decided by <code>facelens evaluate --metrics deletion,insertion,sanity</code> on a manifest, "
+        f"or by this report with <code>--manifest</code> and more photos.</p>"]
     for m in models:
         res = where_it_looks(m, photos, methods=methods, reference=reference, sanity=s.sanity, seed=s.seed)
         sec.data[m.name] = res.data
@@ -161,11 +167,19 @@ def bias(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None
 
 
 def shipping(sec: SectionResult, models: list[FaceModel], s: ReportSettings) -> None:
+    from pathlib import Path
+
     from ..export import shipping_table
 
-    parts = []
+    folder = Path(s.manifest).parent if s.manifest else None
+    faces = folder if folder is not None and (folder / "manifest.csv").is_file() else None
+    parts = [] if faces is not None else [
+        '<p class="note">The agreement columns below are measured on the input portraits and altered copies of them '
+        "(no face folder with manifest.csv and pairs_verification.csv was given): a smoke test of each export, not "
+        "of its accuracy (run <code>facelens export --table --faces DIR</code> for that). Timings do not depend on "
+        "which faces are used.</p>"]
     for m in models:
-        res = shipping_table(m, seed=s.seed)
+        res = shipping_table(m, faces, seed=s.seed)
         sec.data[m.name] = res.as_json()
         sec.findings.extend(f"{m.name}: {v}" for v in supported(res.verdicts()))
         parts.append(res.html(level=3))
