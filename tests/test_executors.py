@@ -174,3 +174,25 @@ def test_evaluate_on_ray_equals_local_including_gradients(ray_cluster, shared_fa
     local.pop("seconds"), ray.pop("seconds")
     assert ray == local
     assert (ray["rows_in"], ray["rows_out"], [Path(s["path"]).name for s in ray["skipped"]]) == (4, 3, ["bad.jpg"])
+
+
+def _crash_once_then_names(flag: str):
+    """The first batch kills its worker; afterwards rows named 'bad*' fail as unreadable photos."""
+    crash, names = _crash_once_worker(flag), _name_worker()
+
+    def fn(rows: list[ManifestRow]) -> list[object]:
+        crash(rows)  # exits the process the first time, returns harmlessly after
+        return names(rows)
+    return fn
+
+
+def test_ray_worker_killed_mid_batch_and_bad_rows_lose_nothing(ray_cluster, tmp_path):
+    from functools import partial
+
+    flag = tmp_path / "crashed"
+    names = [f"{i:02d}.jpg" for i in range(5)] + ["bad_a.jpg"] + [f"{i:02d}.jpg" for i in range(5, 9)] + ["bad_b.jpg"]
+    res = map_rows(_rows(names), partial(_crash_once_then_names, str(flag)), executor="ray", batch_size=3, workers=2)
+    assert flag.is_file(), "the worker never crashed, so the retry was not exercised"
+    assert [r["name"] for r in res.records] == [n for n in names if not n.startswith("bad")]
+    assert sorted(Path(f.path).name for f in res.failures) == ["bad_a.jpg", "bad_b.jpg"]
+    assert res.rows_in == res.rows_out + len(res.failures) == len(names)

@@ -143,6 +143,9 @@ def run_explain(args: argparse.Namespace) -> int:
                                            "explanations": records, "grid": str(grid)})
     if match:
         print(match)
+    face = exps[0].chip.face
+    if face is not None and face.fallback:
+        print(f"face: {face.detection()}")
     rng = exps[0].target_range
     if rng is not None:
         imp = f", impostor median {rng.impostor:.3g}" if rng.impostor is not None else ""

@@ -71,13 +71,16 @@ def _remove_quietly(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "utf-8") -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "utf-8",
+                permissions: int | None = None) -> Iterator[IO[Any]]:
     """Yield a file to write; it replaces ``path`` only if the ``with`` block finishes without an error.
 
     ``mode`` is ``"wb"`` or ``"w"`` (text without newline translation). Lets large outputs (arrays,
     images, CSV rows) stream to disk instead of being built in memory first. Missing parent directories
-    are created; the new file gets the usual permissions (0666 minus umask). A symlink at ``path`` is
-    replaced by the new file, not followed.
+    are created; the new file gets the usual permissions (0666 minus umask), or exactly ``permissions``
+    (e.g. ``0o600`` for personal data): the temporary file is created with them, so its bytes are never
+    readable by others, not even before the rename. A symlink at ``path`` is replaced by the new file,
+    not followed.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes only, mode must be 'wb' or 'w', got {mode!r}")
@@ -86,11 +89,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "u
     while True:
         temp = _temp_sibling(target)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o666 if permissions is None else permissions)
             break
         except FileExistsError:
             continue
     try:
+        if permissions is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, permissions)  # exact, whatever the umask (which could only have removed bits)
         raw = os.fdopen(fd, "wb")
     except BaseException:
         os.close(fd)
@@ -114,16 +120,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", *, encoding: str = "u
     _fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; returns the path."""
-    with atomic_open(path, "wb") as f:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, permissions: int | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (``permissions``: see :func:`atomic_open`); returns the path."""
+    with atomic_open(path, "wb", permissions=permissions) as f:
         f.write(data)
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8",
+                      permissions: int | None = None) -> Path:
     """Write ``text`` to ``path`` atomically (no newline translation); returns the path."""
-    return atomic_write_bytes(path, text.encode(encoding))
+    return atomic_write_bytes(path, text.encode(encoding), permissions=permissions)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -161,14 +168,14 @@ def _json_key(key: Any) -> str | int | float | bool | None:
     raise TypeError(f"cannot use a key of type {type(key).__name__} in JSON")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, *, permissions: int | None = None) -> Path:
     """Write ``obj`` as indented UTF-8 JSON, atomically (see :func:`to_jsonable` for conversions).
 
     The whole text is built before the file is touched, so an unserialisable object leaves the
-    previous file as it was.
+    previous file as it was. ``permissions``: see :func:`atomic_open`.
     """
     text = json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    return atomic_write_text(path, text)
+    return atomic_write_text(path, text, permissions=permissions)
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:

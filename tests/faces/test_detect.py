@@ -10,14 +10,15 @@ import pytest
 from facelens.errors import ImageError, ModelError, NoFaceError
 from facelens.faces import Face, align, detect_faces, face_from_box, face_from_landmarks, pick_face
 from facelens.faces.align import AlignRecipe
-from facelens.faces.detect import _ladder
+from facelens.faces.detect import MAX_ASPECT, MIN_SIDE, _levels
 from facelens.faces.landmarks import LANDMARK_GROUPS, five_from_68
 
 from .conftest import load_rgb
 
-# Share of small images (ORL 92×112 gray, UTKFace 200×200) with a face found by the default ladder.
-# Measured on the whole bundle: ORL 318/320 (99.4 %), UTKFace 798/800 (99.8 %); on this test's
-# sample of 40 + 40: 40/40 and 40/40. The floor allows two misses in each sample.
+# Share of small images (ORL 92×112 gray, UTKFace 200×200) with a face found by the default levels.
+# Measured on the whole bundle (2026-12-03): ORL 318/320 (99.4 %; 10 of them by a fallback level),
+# UTKFace 798/800 (99.8 %; 30 by a fallback); on this test's sample of 40 + 40: 40/40 and 40/40.
+# The floor allows two misses in each sample.
 SMALL_IMAGE_FLOOR = 0.95
 
 
@@ -25,8 +26,10 @@ SMALL_IMAGE_FLOOR = 0.95
 def test_one_face_on_demo_portraits(shared_faces: Path, path: str) -> None:
     image = load_rgb(shared_faces / path)
     faces = detect_faces(image)
-    assert len(faces) == 1
+    # dlib's own pipeline (one upsampling) also finds a weak second "face" on the astronaut's
+    # shoulder patch (score 0.12 against 1.16); the portrait's face is the largest and strongest
     face = faces[0]
+    assert all(other.score < 0.2 * face.score for other in faces[1:])
     left, top, right, bottom = face.box
     assert 0 <= left < right < image.shape[1] and 0 <= top < bottom < image.shape[0]
     assert face.score > 0
@@ -104,11 +107,36 @@ def test_pick_face_in_a_collage(shared_faces: Path) -> None:
     assert pick_face(collage, faces=[weaker_large, faces[1]], min_score=faces[1].score) is faces[1]
 
 
-def test_ladder_upsamples_small_images_only() -> None:
-    assert _ladder((800, 800)) == [0, 1]
-    assert _ladder((200, 200)) == [0, 1, 2, 3]
-    assert _ladder((112, 92)) == [0, 1, 2, 3, 4]
-    assert _ladder((3000, 4000)) == [0]
+def test_levels_start_with_dlibs_own_and_stay_within_the_pixel_limit() -> None:
+    limit = 50_000_000
+    assert _levels((800, 800), limit) == [1, 0]  # ×4 would pass 1600 px on the shorter side
+    assert _levels((200, 200), limit) == [1, 0, 2, 3]
+    assert _levels((112, 92), limit) == [1, 0, 2, 3]  # never beyond ×8
+    assert _levels((3000, 4000), limit) == [1, 0]  # 48 megapixels upsampled: within the limit
+    assert _levels((4000, 5000), limit) == [0]  # upsampled it would be 80 megapixels
+    assert _levels((4000, 5000), 10_000_000) == []  # callers refuse the image before asking
+
+
+@pytest.mark.parametrize("shape, error, words", [
+    ((30, 4000), ImageError, "is a strip"),
+    ((4000, 3), NoFaceError, "too small to hold a face"),
+    ((40, 40 * MAX_ASPECT + 1), ImageError, f"refused above {MAX_ASPECT}:1"),
+    ((MIN_SIDE - 1, 200), NoFaceError, f"at least {MIN_SIDE} px"),
+])
+def test_shapes_dlib_must_not_see_are_refused(shape: tuple[int, int], error: type, words: str) -> None:
+    image = np.full((*shape, 3), 128, np.uint8)
+    with pytest.raises(error, match=words) as err:
+        detect_faces(image, source="strip.png")
+    assert err.value.source == "strip.png"
+
+
+def test_pixel_limit_bounds_every_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FACELENS_MAX_PIXELS", "10000")
+    with pytest.raises(ImageError, match="more pixels than the limit of 10000"):
+        detect_faces(np.full((200, 200, 3), 128, np.uint8), source="big.png")
+    with pytest.raises(ImageError, match="upsample 1 would make"):
+        detect_faces(np.full((80, 80, 3), 128, np.uint8), upsample=1)
+    assert detect_faces(np.full((80, 80, 3), 128, np.uint8)) == []  # level 0 only, nothing found
 
 
 def test_fixed_upsample_and_bad_input(hopper: tuple) -> None:
@@ -119,6 +147,7 @@ def test_fixed_upsample_and_bad_input(hopper: tuple) -> None:
     a, b = face.box, at_one[0].box
     inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
     assert inter / min(face.area, at_one[0].area) > 0.7
+    assert face.upsample == 1 and not face.fallback and "dlib's own pipeline" in face.detection()
     with pytest.raises(ModelError):
         detect_faces(image, upsample=-1)
     with pytest.raises(ImageError):
@@ -157,8 +186,10 @@ def test_face_from_landmarks_aligns_like_the_detected_face(hopper: tuple) -> Non
     assert math.isnan(rebuilt.score)
     recipe = AlignRecipe(150, 0.25)
     a, b = align(image, face, recipe), align(image, rebuilt, recipe)
-    # The 5 points taken from the 68 are within a few pixels of dlib's: the chips nearly agree.
-    assert np.abs(a.matrix - b.matrix)[:, :2].max() < 0.02
-    assert np.abs(a.points_to_chip(face.landmarks) - b.points_to_chip(face.landmarks)).max() < 4.0
+    # The 5 points taken from the 68 are within a few pixels of dlib's: the chips nearly agree
+    # (on Grace Hopper's face from dlib's own detection: scale and rotation within 0.031, landmarks
+    # within 5.3 px on the 150 px chip; from the level-0 box they were within 0.02 and 4 px).
+    assert np.abs(a.matrix - b.matrix)[:, :2].max() < 0.04
+    assert np.abs(a.points_to_chip(face.landmarks) - b.points_to_chip(face.landmarks)).max() < 6.0
     with pytest.raises(ModelError):
         face_from_landmarks(image, face.landmarks[:5])

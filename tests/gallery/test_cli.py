@@ -31,6 +31,7 @@ def test_gallery_cli_round_trip(tmp_path: Path, real_faces: dict, capsys: pytest
     assert "--create" in capsys.readouterr().err
     assert main([*enroll, str(neutral_a), "--subject", "ann", "--create"]) == 0
     assert _json(capsys)["created"] is True
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600  # biometric data: the owner's only
     assert main([*enroll, str(neutral_b), "--subject", "bob"]) == 0
     capsys.readouterr()
     assert main(["gallery", "identify", str(smiling_a), *common]) == 0
@@ -45,7 +46,8 @@ def test_gallery_cli_round_trip(tmp_path: Path, real_faces: dict, capsys: pytest
     assert len(exported["templates"][0]["embedding"]) == 128 and exported["consents"][0]["purpose"] == "door"
     capsys.readouterr()
     assert main(["gallery", "forget", "ann", *common]) == 0
-    assert _json(capsys) == {"subject": "ann", "templates_deleted": 1, "consents_deleted": 1, "file_scrubbed": True}
+    assert _json(capsys) == {"subject": "ann", "templates_deleted": 1, "consents_deleted": 1, "file_scrubbed": True,
+                             "scrub_pending": False}
     assert main(["gallery", "purge", *common]) == 0
     assert _json(capsys)["templates"] == 0
     assert main(["gallery", "identify", str(smiling_a), *common]) == 0

@@ -64,11 +64,26 @@ def identify_loop(db: str, key_file: str, npy: str, per_subject: int, stop_file:
     print(f"rounds {rounds}", flush=True)
 
 
+def forget(db: str, key_file: str, subject: str) -> None:
+    """Forget ``subject`` and exit; print the result and how long ``forget`` took, as JSON."""
+    import json
+    import time
+
+    with Gallery.open(db, key_file=key_file) as g:
+        start = time.monotonic()
+        r = g.forget(subject)
+        elapsed = time.monotonic() - start
+    print(json.dumps({"templates": r.templates, "consents": r.consents, "scrubbed": r.scrubbed,
+                      "elapsed": elapsed}), flush=True)
+
+
 if __name__ == "__main__":
     action, *args = sys.argv[1:]
     if action == "enroll":
         enroll_loop(args[0], args[1], args[2], int(args[3]), int(args[4]), float(args[5]) if len(args) > 5 else 0.0)
     elif action == "identify":
         identify_loop(args[0], args[1], args[2], int(args[3]), args[4])
+    elif action == "forget":
+        forget(args[0], args[1], args[2])
     else:
         raise SystemExit(f"unknown action {action}")

@@ -6,6 +6,7 @@ skip, saying so, when it is absent.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -61,14 +62,14 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
-def server(chromium: Path) -> Iterator[Server]:
-    """`facelens serve` on a free port with a 1 MB upload limit; stopped (SIGTERM) afterwards."""
+def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
+    """`facelens serve` on a free port with a 1 MB upload limit (and ``args``), once it says where uploads go."""
     pytest.importorskip("gradio", reason="facelens serve needs gradio (the web extra)")
     port = _free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "facelens.cli", "serve", "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)],
+        [sys.executable, "-m", "facelens.cli", "serve", "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB),
+         *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log: list[str] = []
     ready = threading.Event()
@@ -88,7 +89,17 @@ def server(chromium: Path) -> Iterator[Server]:
     if not ready.wait(STARTUP_S) or "dir" not in found:
         proc.kill()
         pytest.fail("facelens serve did not start:\n" + "\n".join(log[-30:]))
-    srv = Server(url=f"http://127.0.0.1:{port}/", upload_dir=Path(found["dir"]), process=proc, log=log)
+    return Server(url=f"http://127.0.0.1:{port}/", upload_dir=Path(found["dir"]), process=proc, log=log)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """`facelens serve` on a free port with a 1 MB upload limit; stopped (SIGTERM) afterwards.
+
+    Browser tests also ask for `browser` (or `chromium`), which skips them when Chromium is absent;
+    the HTTP-only tests run without it.
+    """
+    srv = start_server()
     yield srv
     srv.stop()
 
@@ -131,3 +142,57 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:  # typ
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class ApiSession:
+    """One client session of the app over gradio's HTTP API, as the browser talks to it.
+
+    Files go to ``/gradio_api/upload``; events run through ``/gradio_api/call/<api>`` under this
+    session's own ``session_hash`` (so its ``gr.State`` is its own); `close` ends the session the
+    way a closed tab does (the heartbeat stream drops, gradio runs the page's unload event).
+    """
+
+    def __init__(self, server: Server, timeout: float = 180.0) -> None:
+        import secrets
+
+        import httpx
+
+        self.base = server.url.rstrip("/")
+        self.session_hash = secrets.token_hex(6)
+        self.http = httpx.Client(timeout=timeout)
+        self._heartbeat: object = None
+
+    def upload(self, name: str, data: bytes) -> dict:
+        """Upload the bytes as file ``name``; the payload the browser would then send."""
+        r = self.http.post(f"{self.base}/gradio_api/upload", files=[("files", (name, data))])
+        r.raise_for_status()
+        return {"path": r.json()[0], "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+
+    def call(self, api: str, data: list) -> tuple[str, object]:
+        """``("complete", outputs)`` or ``("error", message)`` of one event.
+
+        A streaming event (the webcam's) answers each frame with a ``generating`` message and
+        completes only when its stream times out; its first answer counts as complete here.
+        """
+        r = self.http.post(f"{self.base}/gradio_api/call/{api}", json={"data": data, "session_hash": self.session_hash})
+        r.raise_for_status()
+        event_id = r.json()["event_id"]
+        event = None
+        with self.http.stream("GET", f"{self.base}/gradio_api/call/{api}/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line[len("event:"):].strip()
+                elif line.startswith("data:") and event in ("complete", "generating", "error"):
+                    return ("error" if event == "error" else "complete"), json.loads(line[len("data:"):])
+        raise ConnectionError(f"the {api} event ended without a result")
+
+    def open(self) -> None:
+        """Hold the heartbeat stream open, as a page does while the tab is open."""
+        self._heartbeat = self.http.stream("GET", f"{self.base}/gradio_api/heartbeat/{self.session_hash}")
+        self._heartbeat.__enter__()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._heartbeat = None
+        self.http.close()

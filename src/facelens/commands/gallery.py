@@ -2,12 +2,15 @@
 
 The key comes from ``$FACELENS_GALLERY_KEY``, ``$FACELENS_GALLERY_KEY_FILE`` or ``--key-file``; it is never
 stored in the gallery. ``facelens gallery keygen --out FILE`` writes a new one, readable by its owner only.
+Every file written here (key, gallery with its WAL and index, export) is created mode 0600, never widened
+first and narrowed later.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..cli import print_json, register_command
@@ -61,19 +64,27 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _keygen(out: Path) -> None:
+    """Create the key file 0600 in one ``O_EXCL`` open: never readable by others, never over an existing key
+    (an atomic replace would overwrite a key made meanwhile, and lose the gallery it opens)."""
     from ..gallery import generate_key
 
     try:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except FileExistsError:
         raise FaceLensError(f"{out}: already exists; a key is never overwritten "
                             "(that would lose the gallery it opens)") from None
     except OSError as exc:
         raise FaceLensError(f"{out}: cannot create key file ({exc.strerror})") from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(generate_key() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+        with os.fdopen(fd, "w") as fh:
+            fh.write(generate_key() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        out.unlink(missing_ok=True)  # no half-written key left behind
+        raise
 
 
 def _embed(model_name: str, image: str, face: int | None) -> object:
@@ -83,7 +94,7 @@ def _embed(model_name: str, image: str, face: int | None) -> object:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..gallery import Consent, Gallery
+    from ..gallery import SCRUB_WAIT_S, Consent, Gallery
     from ..gallery.consent import parse_time, utc_now
 
     if args.action == "keygen":
@@ -118,18 +129,21 @@ def _run(args: argparse.Namespace) -> int:
         elif args.action == "forget":
             r = g.forget(args.subject)
             print_json({"subject": r.subject, "templates_deleted": r.templates, "consents_deleted": r.consents,
-                        "file_scrubbed": r.scrubbed})
-            if not r.scrubbed:
-                raise FaceLensError(f"{db}: rows deleted, but other processes kept the write-ahead log open; "
-                                    "run `facelens gallery forget` again when they are done")
+                        "file_scrubbed": r.scrubbed, "scrub_pending": not r.scrubbed})
+            if r.scrubbed:
+                print("scrub finished: no copy of the deleted rows is left in the database, its WAL or its "
+                      "journal", file=sys.stderr)
+            else:
+                print(f"scrub PENDING: the rows are deleted, but other connections kept read transactions open "
+                      f"for {SCRUB_WAIT_S:g} s, so their old pages are still in {db} or its WAL. The scrub is "
+                      "recorded in the gallery and finishes on its own at the next open of it (any `facelens "
+                      "gallery` command) or its next write, once those readers are done.", file=sys.stderr)
         elif args.action == "export":
             data = g.export(args.subject)
             if args.out:
                 from ..outputs import write_json
 
-                path = write_json(args.out, data)
-                os.chmod(path, 0o600)
-                print(path)
+                print(write_json(args.out, data, permissions=0o600))  # 0600 from creation, never wider
             else:
                 print_json(data)
         elif args.action == "purge":

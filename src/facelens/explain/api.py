@@ -18,7 +18,7 @@ import torch
 from ..errors import ModelError
 from ..faces.align import Chip
 from ..faces.detect import Face
-from ..image import ImageSource, load_image
+from ..image import ImageSource, load_image, source_name
 from ..models.base import FaceModel
 from ..models.registry import load_model
 from ..targets import RECOGNIZER_TARGETS, ClassScore, CohortSimilarity, Similarity, Target, ThresholdMargin, as_target
@@ -156,8 +156,9 @@ def explain(
     face need it once); by default it is measured here.
     """
     fm = load_model(model) if isinstance(model, str) else model
+    name = source_name(image)
     photo = load_image(image)
-    chip = fm.chip(photo, face)
+    chip = fm.chip(photo, face, name=name)
     tgt = resolve_target(fm, chip, target, reference)
     cls = get_method(method)
     m = cls(fm, batch_size=batch_size, seed=seed, progress=progress, **settings)
@@ -178,7 +179,8 @@ def explain_methods(model: FaceModel | str, image: ImageSource | np.ndarray, met
                     target: object = None, **kwargs: object) -> list[Explanation]:
     """Several methods on the same face and target (the face is detected and aligned once)."""
     fm = load_model(model) if isinstance(model, str) else model
+    name = source_name(image)
     photo = load_image(image)
     face = kwargs.pop("face", None)
-    chip = fm.chip(photo, face)  # type: ignore[arg-type]
+    chip = fm.chip(photo, face, name=name)  # type: ignore[arg-type]
     return [explain(fm, photo, m, target, face=chip.face, **kwargs) for m in methods]  # type: ignore[arg-type]

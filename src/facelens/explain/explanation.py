@@ -132,6 +132,8 @@ class Explanation:
             out["unit"] = self.target_range.unit
             out["target_range"] = self.target_range.as_dict()
         if self.chip.face is not None:
+            out["face"] = {"box": list(self.chip.face.box), "upsample": self.chip.face.upsample,
+                           "fallback": self.chip.face.fallback, "detection": self.chip.face.detection()}
             out["region_attention"] = self.region_attention().as_dict()
             if isinstance(self.extras.get("depths"), dict) and self.extras["depths"]:
                 out["region_attention_by_depth"] = {d: a.as_dict() for d, a in self.depth_attention().items()}

@@ -41,7 +41,7 @@ from ..faces.canonical import (
     to_canonical,
 )
 from ..faces.regions import REGION_NAMES, chip_region_labels
-from ..image import ImageSource, load_image
+from ..image import ImageSource, load_image, source_name
 from ..models.base import FaceModel
 from ..targets import Contrastive, Metric, Similarity, Target
 from .base import PerturbationMethod, register
@@ -314,7 +314,7 @@ def _chip_and_photo(model: FaceModel, image: ImageSource | np.ndarray | Chip) ->
     if isinstance(image, Chip):
         return image, None
     photo = load_image(image)
-    return model.chip(photo), photo
+    return model.chip(photo, name=source_name(image)), photo
 
 
 def _patches(chip: Chip, anchors: str, window: int, stride: int) -> torch.Tensor:

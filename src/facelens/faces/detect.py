@@ -1,17 +1,26 @@
 """Face detection with dlib's HOG detector, plus landmarks for every face found.
 
-Default upsampling (``upsample=None``) is a ladder: run the detector on the
-image as is, and only if it finds nothing, upsample ×2 and retry, and so on
-while the upsampled shorter side stays within 1600 px. The HOG window finds
-faces of about 80 px and up at level 0, 40 px at level 1, 20 px at level 2.
-Measured on the shared face bundle, the ladder finds a face on 99.4 % of ORL
-(92×112 gray) and 99.8 % of UTKFace (200×200) images, against 96 % for a
-fixed ``upsample=1``, whose finer pyramid misses faces that fill the frame;
-on 800 px portraits it keeps the 50 ms cost of level 0 instead of 200 ms, and
-it avoids the spurious second face that level 1 finds on the astronaut
-portrait. The cost of the ladder: in a group photo where level 0 already finds
-the large faces, small background faces are not searched for; pass an
-explicit ``upsample`` (1 or 2) for crowds.
+**The default is dlib's own pipeline.** ``upsample=None`` first runs the detector exactly as
+``face_recognition`` and dlib's recognition example do, with one ×2 upsampling, so that the box,
+the 5 landmarks, the chip and hence the embedding equal dlib's own on every photo where that
+detector finds the face (``tests/models/test_dlib_end_to_end.py`` checks it on the shared photos).
+Only when it finds nothing are the other levels tried, in this order: none (faces that fill the
+frame, which the finer pyramid of level 1 misses on some ORL and UTKFace crops), then ×4 and ×8 (small
+faces). A face found that way is a *fallback*: `Face.upsample` says which level found it and
+`Face.fallback` is True, so results can say that dlib's own pipeline would have found no face there.
+The HOG window finds faces of about 80 px and up at level 0, 40 px at level 1, 20 px at level 2.
+
+**Nothing unbounded reaches dlib.** A 4000×3 PNG upsampled nine times once corrupted dlib's heap
+(``malloc(): corrupted top size``, the process gone, no exception). Before any native call:
+
+* the longer side may be at most :data:`MAX_ASPECT` times the shorter (dlib ran every shape up to
+  128:1 below 60 megapixels cleanly in a sweep, and crashed at 640:1 and 1333:1; no photo of a face is
+  a 20:1 strip);
+* the shorter side must be at least :data:`MIN_SIDE` px, the smallest face the ×8 level can find;
+* every pyramid level, the image as given included, must stay within the pixel limit of
+  :func:`facelens.image.max_pixels_limit` (50 megapixels unless raised), which also bounds memory.
+
+What is refused raises an `ImageError` or `NoFaceError` that names the file.
 """
 
 from __future__ import annotations
@@ -26,12 +35,21 @@ import dlib
 import numpy as np
 
 from ..errors import ImageError, ModelError, NoFaceError
+from ..image import max_pixels_limit
 from .landmarks import box_to_rectangle, five_from_68, landmarks5, landmarks68
 
-__all__ = ["Face", "detect_faces", "face_from_box", "face_from_landmarks", "pick_face"]
+__all__ = ["Face", "clear_detections", "detect_faces", "face_from_box", "face_from_landmarks", "pick_face"]
 
-#: Stop the upsampling ladder once the image's shorter side would pass this many pixels.
+#: The upsampling of dlib's own pipeline (``face_recognition``, dlib's ``dnn_face_recognition`` example).
+REFERENCE_UPSAMPLE = 1
+#: The fallback levels above the reference stop once the image's shorter side would pass this many pixels.
 LADDER_MAX_SIDE = 1600
+#: The most ×2 upsamplings the fallback tries (×8: faces of about 10 px).
+MAX_UPSAMPLE = 3
+#: The longest side may be at most this many times the shortest.
+MAX_ASPECT = 20
+#: The shortest side the detector is run on: the HOG window (80 px) at the highest fallback level.
+MIN_SIDE = 80 // 2**MAX_UPSAMPLE
 
 _detector: dlib.fhog_object_detector | None = None
 _lock = threading.Lock()
@@ -64,12 +82,15 @@ class Face:
     when the face was not detected but built from known landmarks).
     ``landmarks`` are dlib's 68 points and ``landmarks5`` its 5 alignment points;
     left/right are the subject's (see :mod:`facelens.faces.landmarks`).
+    ``upsample`` is the detector level that found the face (None when it was built from a box or
+    landmarks given by the caller).
     """
 
     box: tuple[int, int, int, int]
     score: float
     landmarks: np.ndarray = field(repr=False)
     landmarks5: np.ndarray = field(repr=False)
+    upsample: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "box", tuple(int(v) for v in self.box))
@@ -86,6 +107,20 @@ class Face:
 
     def __hash__(self) -> int:
         return hash((self.box, self.landmarks.tobytes()))
+
+    @property
+    def fallback(self) -> bool:
+        """True when dlib's own pipeline (one upsampling) did not find this face and another level did."""
+        return self.upsample is not None and self.upsample != REFERENCE_UPSAMPLE
+
+    def detection(self) -> str:
+        """How the face was found, in words a result can carry."""
+        if self.upsample is None:
+            return "face given by the caller (box or landmarks), not detected"
+        if not self.fallback:
+            return f"dlib HOG detector, upsample {self.upsample} (dlib's own pipeline)"
+        return (f"dlib HOG detector, fallback upsample {self.upsample}: dlib's own pipeline (upsample "
+                f"{REFERENCE_UPSAMPLE}) finds no face here, so embeddings may differ from dlib's own")
 
     @property
     def width(self) -> int:
@@ -129,8 +164,17 @@ def _check_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def face_from_box(image: np.ndarray, box: tuple[int, int, int, int], score: float = math.nan) -> Face:
-    """A `Face` for a box found some other way (another detector, a hand-drawn box)."""
+    """A `Face` for a box found some other way (another detector, a hand-drawn box).
+
+    The box must overlap the image and be no larger than three times it: dlib's predictors take it
+    as given, and a box of any size would send them sampling far outside the pixels.
+    """
     rgb = _check_rgb(image)
+    h, w = rgb.shape[:2]
+    left, top, right, bottom = (int(v) for v in box)
+    if not (left <= right and top <= bottom and right >= 0 and bottom >= 0 and left < w and top < h
+            and right - left < 3 * w and bottom - top < 3 * h):
+        raise ModelError(f"face box {tuple(box)} does not fit the {w}×{h} image")
     return Face(box=box, score=score, landmarks=landmarks68(rgb, box), landmarks5=landmarks5(rgb, box))
 
 
@@ -151,12 +195,30 @@ def face_from_landmarks(image: np.ndarray, landmarks68: np.ndarray, score: float
     return Face(box=(left, top, right, bottom), score=score, landmarks=pts, landmarks5=five_from_68(pts))
 
 
-def _ladder(shape_hw: tuple[int, int]) -> list[int]:
-    shorter = max(1, min(shape_hw))
-    levels = [0]
-    while shorter * 2 ** (levels[-1] + 1) <= LADDER_MAX_SIDE:
-        levels.append(levels[-1] + 1)
-    return levels
+def _check_detectable(shape_hw: tuple[int, int], source: str) -> int:
+    """The pixel limit per pyramid level, after refusing shapes dlib must never see."""
+    h, w = (int(v) for v in shape_hw)
+    shorter, longer = min(h, w), max(h, w)
+    if shorter < MIN_SIDE:
+        raise NoFaceError(source, f"image {w}×{h} is too small to hold a face: the detector needs a shorter "
+                                  f"side of at least {MIN_SIDE} px")
+    if longer > MAX_ASPECT * shorter:
+        raise ImageError(source, f"image {w}×{h} is a strip ({longer / shorter:.0f}:1); face detection is "
+                                 f"refused above {MAX_ASPECT}:1 (crop the photo around the face)")
+    limit = max_pixels_limit()
+    if h * w > limit:
+        raise ImageError(source, f"image {w}×{h} has more pixels than the limit of {limit} for face detection "
+                                 "(set FACELENS_MAX_PIXELS to raise it)")
+    return limit
+
+
+def _levels(shape_hw: tuple[int, int], limit: int) -> list[int]:
+    """dlib's own level first, then the fallbacks, each within the pixel limit."""
+    h, w = shape_hw
+    shorter = min(h, w)
+    levels = [REFERENCE_UPSAMPLE, 0, *range(REFERENCE_UPSAMPLE + 1, MAX_UPSAMPLE + 1)]
+    return [lv for lv in levels if h * w * 4**lv <= limit
+            and (lv <= REFERENCE_UPSAMPLE or shorter * 2**lv <= LADDER_MAX_SIDE)]
 
 
 _RECENT_MAX = 64
@@ -164,12 +226,19 @@ _recent: OrderedDict[tuple, list[Face]] = OrderedDict()
 _recent_lock = threading.Lock()
 
 
-def detect_faces(image: np.ndarray, *, upsample: int | None = None, min_score: float = 0.0) -> list[Face]:
+def clear_detections() -> None:
+    """Forget the remembered detections (benchmarks time detection itself, not the memory of it)."""
+    with _recent_lock:
+        _recent.clear()
+
+
+def detect_faces(image: np.ndarray, *, upsample: int | None = None, min_score: float = 0.0,
+                 source: str = "<array>") -> list[Face]:
     """Every face dlib's HOG detector finds, with landmarks, largest box first.
 
-    ``upsample=None`` climbs the ladder described in the module docstring; an
-    integer runs exactly that many ×2 upsamplings. ``min_score`` is passed to
-    dlib as ``adjust_threshold``: negative values also return weaker detections.
+    ``upsample=None`` runs dlib's own level, then the fallbacks (module docstring); an integer runs
+    exactly that many ×2 upsamplings. ``min_score`` is passed to dlib as ``adjust_threshold``:
+    negative values also return weaker detections. ``source`` names the image in errors.
 
     The last 64 results are remembered by the image's content: a report or a study detects the
     same photo once per model and per section (detection is a tenth of a second or more), and a
@@ -178,13 +247,18 @@ def detect_faces(image: np.ndarray, *, upsample: int | None = None, min_score: f
     rgb = _check_rgb(image)
     if upsample is not None and upsample < 0:
         raise ModelError(f"upsample must be >= 0 or None, got {upsample}")
+    limit = _check_detectable(rgb.shape[:2], source)
+    if upsample is not None and rgb.shape[0] * rgb.shape[1] * 4**upsample > limit:
+        raise ImageError(source, f"upsample {upsample} would make the {rgb.shape[1]}×{rgb.shape[0]} image larger "
+                                 f"than the limit of {limit} pixels (set FACELENS_MAX_PIXELS to raise it)")
     key = (rgb.shape, hashlib.blake2b(np.ascontiguousarray(rgb).data, digest_size=16).digest(), upsample,
            float(min_score))
     with _recent_lock:
         if key in _recent:
             _recent.move_to_end(key)
             return list(_recent[key])
-    faces = _detect(rgb, upsample, min_score)
+    levels = _levels(rgb.shape[:2], limit) if upsample is None else [int(upsample)]
+    faces = _detect(rgb, levels, min_score)
     with _recent_lock:
         _recent[key] = faces
         while len(_recent) > _RECENT_MAX:
@@ -192,16 +266,19 @@ def detect_faces(image: np.ndarray, *, upsample: int | None = None, min_score: f
     return list(faces)
 
 
-def _detect(rgb: np.ndarray, upsample: int | None, min_score: float) -> list[Face]:
+def _detect(rgb: np.ndarray, levels: list[int], min_score: float) -> list[Face]:
     detector = _hog_detector()
-    levels = _ladder(rgb.shape[:2]) if upsample is None else [int(upsample)]
     rects: list[dlib.rectangle] = []
     scores: list[float] = []
+    found_at = levels[-1] if levels else 0
     for level in levels:
         rects, scores, _ = detector.run(rgb, level, float(min_score))
         if len(rects):
+            found_at = level
             break
-    faces = [face_from_box(rgb, (r.left(), r.top(), r.right(), r.bottom()), score)
+    faces = [Face(box=(r.left(), r.top(), r.right(), r.bottom()), score=score,
+                  landmarks=landmarks68(rgb, (r.left(), r.top(), r.right(), r.bottom())),
+                  landmarks5=landmarks5(rgb, (r.left(), r.top(), r.right(), r.bottom())), upsample=found_at)
              for r, score in zip(rects, scores, strict=True)]
     faces.sort(key=lambda f: (-f.area, -f.score))
     return faces
@@ -215,7 +292,7 @@ def pick_face(image: np.ndarray, *, faces: list[Face] | None = None, index: int 
     largest-first order. Raises `NoFaceError` when there is no such face.
     """
     if faces is None:
-        faces = detect_faces(image, min_score=min_score)
+        faces = detect_faces(image, min_score=min_score, source=source)
     h, w = np.asarray(image).shape[:2]
     if index is not None:
         if not -len(faces) <= index < len(faces):

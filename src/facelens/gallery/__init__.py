@@ -7,12 +7,13 @@ embeddings; computing one from a photo is the caller's (or the CLI's) job.
 
 from .consent import LEGAL_BASES, Consent, ConsentError
 from .crypto import KEY_ENV, KEY_FILE_ENV, GalleryKey, GalleryKeyError, generate_key, resolve_key
-from .store import AuditEntry, ForgetResult, Gallery, GalleryError, Identification
+from .store import SCRUB_WAIT_S, AuditEntry, ForgetResult, Gallery, GalleryError, Identification
 
 __all__ = [
     "KEY_ENV",
     "KEY_FILE_ENV",
     "LEGAL_BASES",
+    "SCRUB_WAIT_S",
     "AuditEntry",
     "Consent",
     "ConsentError",

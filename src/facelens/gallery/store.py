@@ -23,6 +23,18 @@ WAL is checkpointed and truncated, the file is rebuilt by ``VACUUM`` and the WAL
 temporary tables kept in memory, so no copy of the ciphertext remains in the database, its WAL or its
 journal. What this cannot reach: backups, copies made by others, and blocks the filesystem or an SSD
 keeps after a file shrinks.
+
+A connection that keeps a read transaction open pins the old pages (its snapshot still shows the
+deleted rows), and no checkpoint can truncate the WAL until it ends. ``forget`` therefore waits at most
+:data:`SCRUB_WAIT_S` seconds for such readers, with short busy timeouts and one deadline. If they are
+still there, it returns ``scrubbed=False``: the deletion is committed (no new query sees the rows) and a
+``pending_scrub`` record, written in the same transaction as the deletion, survives crashes and restarts.
+The scrub is then finished by :meth:`Gallery.finish_scrub`, or on its own at the next open, write or
+close of the gallery (by any process) once the readers have left.
+
+File permissions: the database is created by :meth:`Gallery.create` with mode 0600 before SQLite opens
+it, and SQLite gives its ``-wal``, ``-shm`` and ``-journal`` files the main file's mode, so no other user
+can read any of them at any moment (no process-wide ``umask`` change is needed).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,10 +57,20 @@ from ..matching import Match, Matcher
 from .consent import LEGAL_BASES, Consent, parse_time, utc_now
 from .crypto import GalleryKey, resolve_key
 
-__all__ = ["SCHEMA_VERSION", "AuditEntry", "ForgetResult", "Gallery", "GalleryError", "Identification"]
+__all__ = ["SCHEMA_VERSION", "SCRUB_WAIT_S", "AuditEntry", "ForgetResult", "Gallery", "GalleryError",
+           "Identification"]
 
 SCHEMA_VERSION = 1
-_BUSY_MS = 30_000
+_BUSY_MS = 30_000  # writers queue for the write lock this long
+
+#: The longest ``forget``/``purge``/``finish_scrub`` wait for other connections' read transactions before
+#: leaving the scrub pending (seconds). The scrub's own work (a VACUUM, proportional to the file's size)
+#: and the usual queueing for the write lock come on top.
+SCRUB_WAIT_S = 2.0
+_SCRUB_STEP_MS = 250  # busy timeout of one checkpoint attempt: the deadline is checked between attempts
+_RETRY_WAIT_S = 0.05  # the quick try at open, after a write and at close, so they are not slowed down
+_PENDING_KEY = "pending_scrub"  # meta key: deleted rows whose pages may still be in the files, since when
+_FILE_MODE = 0o600  # the database, and through it its -wal, -shm and -journal: the owner's only
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -128,7 +150,12 @@ class Identification:
 
 @dataclass(frozen=True)
 class ForgetResult:
-    """What ``forget`` removed, and whether the file was scrubbed (WAL truncated, file rebuilt)."""
+    """What ``forget`` removed, and whether the file was scrubbed (WAL truncated, file rebuilt).
+
+    ``scrubbed=False``: the deletion is committed, but readers kept the old pages within
+    :data:`SCRUB_WAIT_S`; the scrub is recorded as pending and finishes at the next open, write or close
+    once they have left, or with :meth:`Gallery.finish_scrub`.
+    """
 
     subject: str
     templates: int
@@ -148,6 +175,7 @@ class Gallery:
         self.path = path
         self._conn = conn
         self._key = key
+        self._closed = False
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self.model = str(meta["model"])
         self.metric = str(meta["metric"])
@@ -158,7 +186,12 @@ class Gallery:
     # -- opening ----------------------------------------------------------------------------------------
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(os.fspath(path), timeout=_BUSY_MS / 1000, isolation_level=None)
+        """Open an existing file (``mode=rw``: SQLite must never create one, it would be 0644)."""
+        uri = f"{path.absolute().as_uri()}?mode=rw"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_MS / 1000, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise GalleryError(f"{path}: cannot open the database ({exc})") from None
         try:
             conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -187,8 +220,16 @@ class Gallery:
             raise GalleryError(f"retention period must be positive, got {retention_days} days")
         if p.exists():
             raise GalleryError(f"{p}: already exists; open it instead of creating it")
+        for suffix in ("-wal", "-journal", "-shm"):
+            if Path(f"{p}{suffix}").exists():  # SQLite would replay a stale WAL into the new file
+                raise GalleryError(f"{p}{suffix}: left over from an earlier database; remove it first")
         p.parent.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(p)
+        _create_private_file(p)
+        try:
+            conn = cls._connect(p)
+        except BaseException:
+            _remove_database_files(p)
+            raise
         try:
             conn.execute("BEGIN IMMEDIATE")
             for statement in _split(_SCHEMA):
@@ -203,6 +244,7 @@ class Gallery:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             conn.close()
+            _remove_database_files(p)
             raise
         g = cls(p, conn, gkey)
         g._append_audit("create", None, {"model": model, "metric": metric, "threshold": threshold,
@@ -227,13 +269,25 @@ class Gallery:
                 raise GalleryError(f"{p}: gallery schema {meta.get('schema_version')!r}, this facelens reads "
                                    f"{SCHEMA_VERSION}")
             gkey.verify_check_value(bytes(meta["key_check"]), str(p))
-            return cls(p, conn, gkey)
+            g = cls(p, conn, gkey)
         except BaseException:
             conn.close()
             raise
+        if _PENDING_KEY in meta:
+            g._try_finish_scrub()  # a scrub an earlier session (or process) could not finish
+        return g
 
     def close(self) -> None:
-        self._conn.close()
+        """Close the connection, after a quick try at a pending scrub (it stays recorded if readers remain)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with suppress(sqlite3.Error):
+                if self.scrub_pending:
+                    self._try_finish_scrub()
+        finally:
+            self._conn.close()
 
     def __enter__(self) -> Gallery:
         return self
@@ -243,16 +297,23 @@ class Gallery:
 
     # -- transactions and audit -------------------------------------------------------------------------
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (``BEGIN IMMEDIATE``), so it waits instead of failing later."""
+    def _write(self, *, finish_scrub: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (``BEGIN IMMEDIATE``), so it waits instead of failing later.
+
+        After it commits, a scrub left pending (by this process or another) gets a quick try: readers
+        that blocked it may have left since.
+        """
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
+            pending = finish_scrub and _pending_since(self._conn) is not None
             self._conn.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
             raise
+        if pending:
+            self._try_finish_scrub()
 
     def _append_audit(self, action: str, subject_ref: str | None, detail: dict[str, Any],
                       conn: sqlite3.Connection | None = None) -> None:
@@ -412,43 +473,147 @@ class Gallery:
 
     # -- deleting -----------------------------------------------------------------------------------------
     def forget(self, subject: str) -> ForgetResult:
-        """Erase every row of ``subject`` (GDPR Art. 17) and scrub the file so no copy stays recoverable."""
+        """Erase every row of ``subject`` (GDPR Art. 17) and scrub the file so no copy stays recoverable.
+
+        Returns within :data:`SCRUB_WAIT_S` seconds of waiting for readers (plus the VACUUM itself and
+        any queueing for the write lock). If readers still hold old snapshots then, ``scrubbed`` is
+        False and the scrub stays pending, recorded in the same transaction as the deletion.
+        """
         ref = self._key.subject_ref(subject)
-        with self._write() as c:
+        with self._write(finish_scrub=False) as c:
             n_t = c.execute("DELETE FROM templates WHERE subject_ref = ?", (ref,)).rowcount
             n_c = c.execute("DELETE FROM consents WHERE subject_ref = ?", (ref,)).rowcount
             self._append_audit("forget", ref, {"templates": n_t, "consents": n_c}, c)
-        return ForgetResult(subject, n_t, n_c, self.scrub())
+            if n_t or n_c:
+                _mark_scrub_pending(c)
+        return ForgetResult(subject, n_t, n_c, self._scrub(SCRUB_WAIT_S, log=False))
 
     def purge(self, now: datetime | None = None) -> dict[str, int | bool]:
         """Delete every template past the gallery's retention period, and consent records left without one."""
         t = _iso(parse_time(now) if now is not None else utc_now())
-        with self._write() as c:
+        with self._write(finish_scrub=False) as c:
             refs = [r[0] for r in c.execute("SELECT DISTINCT subject_ref FROM templates WHERE expires_at <= ?", (t,))]
             n_t = c.execute("DELETE FROM templates WHERE expires_at <= ?", (t,)).rowcount
             n_c = c.execute("DELETE FROM consents WHERE id NOT IN (SELECT consent_id FROM templates)").rowcount
             for ref in refs:
                 self._append_audit("purge", ref, {"reason": "retention period over", "before": t}, c)
             self._append_audit("purge", None, {"templates": n_t, "consents": n_c, "before": t}, c)
-        scrubbed = self.scrub() if n_t or n_c else True
+            if n_t or n_c:
+                _mark_scrub_pending(c)
+        scrubbed = self._scrub(SCRUB_WAIT_S, log=False) if n_t or n_c else True
         return {"templates": n_t, "consents": n_c, "scrubbed": scrubbed}
 
-    def scrub(self, attempts: int = 50) -> bool:
-        """Truncate the WAL, rebuild the file (VACUUM), truncate again; False if readers kept the WAL busy."""
-        def checkpoint() -> bool:
-            for _ in range(attempts):
-                busy, _log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                if busy == 0:
-                    return True
-                time.sleep(0.05)
-            return False
+    @property
+    def scrub_pending(self) -> bool:
+        """True while deleted rows may still sit in the files: a scrub was left for later."""
+        return _pending_since(self._conn) is not None
 
-        first = checkpoint()
-        self._conn.execute("VACUUM")
-        return checkpoint() and first
+    def finish_scrub(self, wait_s: float = SCRUB_WAIT_S) -> bool:
+        """Finish a scrub that ``forget`` or ``purge`` left pending; True when none is owed any more.
+
+        Waits at most ``wait_s`` seconds for other connections' read transactions to end.
+        """
+        if not self.scrub_pending:
+            return True
+        return self._scrub(wait_s, log=True)
+
+    def scrub(self, wait_s: float = SCRUB_WAIT_S) -> bool:
+        """Truncate the WAL, rebuild the file (VACUUM), truncate again; False if readers kept the WAL busy
+        for ``wait_s`` seconds. Clears a pending scrub when it succeeds."""
+        return self._scrub(wait_s, log=True)
+
+    def _scrub(self, wait_s: float, *, log: bool) -> bool:
+        """The scrub under one deadline, with short busy timeouts; ``log``: audit a pending one finished."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        try:
+            done = self._checkpoint(deadline) and self._vacuum(deadline) and self._checkpoint(deadline)
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+        if not done:
+            return False
+        with self._write(finish_scrub=False) as c:
+            since = _pending_since(c)
+            if since is not None:
+                c.execute("DELETE FROM meta WHERE key = ?", (_PENDING_KEY,))
+                if log:
+                    self._append_audit("scrub", None, {"pending_since": since}, c)
+        if since is not None:  # that commit is a WAL frame too (no personal data): empty the WAL if nobody reads
+            try:
+                self._checkpoint(time.monotonic())
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+        return True
+
+    def _checkpoint(self, deadline: float) -> bool:
+        """``wal_checkpoint(TRUNCATE)`` until it succeeds or the deadline passes (one try if already past)."""
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            self._conn.execute(f"PRAGMA busy_timeout={min(max(left_ms, 0), _SCRUB_STEP_MS)}")
+            try:
+                busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                busy = 1
+            if busy == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+    def _vacuum(self, deadline: float) -> bool:
+        """Rebuild the file; False if another writer held the lock past the deadline."""
+        self._conn.execute(f"PRAGMA busy_timeout={max(int((deadline - time.monotonic()) * 1000), 0)}")
+        try:
+            self._conn.execute("VACUUM")
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            return False
+        return True
+
+    def _try_finish_scrub(self) -> None:
+        """A quick, quiet try at a pending scrub: it must not fail or slow down the open, write or close."""
+        with suppress(sqlite3.Error):  # if it fails it stays recorded: the next open, write or close tries again
+            self._scrub(_RETRY_WAIT_S, log=True)
 
     def integrity_check(self) -> str:
         return str(self._conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the empty database file readable by its owner only, before SQLite touches it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    except FileExistsError:
+        raise GalleryError(f"{path}: already exists; open it instead of creating it") from None
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _FILE_MODE)  # exactly 0600 whatever the umask (which could only have narrowed it)
+    finally:
+        os.close(fd)
+
+
+def _remove_database_files(path: Path) -> None:
+    """Undo a failed :meth:`Gallery.create`: the file it made, and the WAL and index SQLite added."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with suppress(FileNotFoundError):
+            Path(f"{path}{suffix}").unlink()
+
+
+def _pending_since(conn: sqlite3.Connection) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_PENDING_KEY,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _mark_scrub_pending(conn: sqlite3.Connection) -> None:
+    """Record, in the deleting transaction, that a scrub is owed (the earliest such time is kept)."""
+    conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (_PENDING_KEY, _iso(utc_now())))
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): someone else holds a lock; try again later."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _aad(table: str, column: str, ref: str) -> bytes:

@@ -73,10 +73,14 @@ class FaceModel:
                 raise ModelError(f"{self.name}: layer {layer!r} for {depth!r} is not a module of the network")
 
     # -- inputs -----------------------------------------------------------------------------------
-    def chip(self, image: ImageSource | np.ndarray, face: Face | int | None = None) -> Chip:
-        """Load, detect (unless the recipe needs no face) and align one image for this model."""
-        name = source_name(image)
-        rgb = load_image(image)
+    def chip(self, image: ImageSource | np.ndarray, face: Face | int | None = None, *,
+             name: str | None = None) -> Chip:
+        """Load, detect (unless the recipe needs no face) and align one image for this model.
+
+        ``name`` is what errors call the image: pass the user's path when ``image`` is already an array.
+        """
+        name = name if name is not None else source_name(image)
+        rgb = load_image(image, name=name)
         if self.recipe.method == "none":
             return align(rgb, None, self.recipe)
         if not isinstance(face, Face):

@@ -1,60 +1,28 @@
 """The gradio page of `facelens serve`: explain a photo, anonymize it, verify a pair, go live.
 
 Layout only: every number comes from `facelens.web.compute` (the public API) and every panel
-from `facelens.web.views`. Per-user data lives in each session's ``gr.State`` (the files it
-uploaded, its webcam tracking state); the only module-level object is a lock, because the zoo's
-models are shared by all sessions and hook-based methods (Grad-CAM) must not run two at once on
-the same network: two overlapping calls would read each other's activations.
+from `facelens.web.views`. Per-user data lives in each session's ``gr.State`` (its own copies of
+the files it sent, see `facelens.web.uploads`; its webcam tracking state); the only module-level
+object is a lock, because the zoo's models are shared by all sessions and hook-based methods
+(Grad-CAM) must not run two at once on the same network: two overlapping calls would read each
+other's activations. Handlers read a photo only through `SessionFiles.claim`, which refuses any
+path that is not one of this server's uploads.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import FaceLensError
 from .config import ServeConfig
+from .inputs import UploadError
+from .uploads import SessionFiles
 
 __all__ = ["SessionFiles", "build_app"]
 
 _COMPUTE = threading.Lock()
-
-
-class SessionFiles:
-    """The files one browser session sent, deleted when gradio drops the session's state.
-
-    Only paths inside the server's private upload directory are ever deleted.
-    """
-
-    def __init__(self, root: Path | None = None, keep: bool = False) -> None:
-        self.root = root
-        self.keep = keep
-        self.paths: set[str] = set()
-
-    def add(self, payloads: Iterable[object]) -> None:
-        from .inputs import payload_path
-
-        for p in payloads:
-            path = payload_path(p)
-            if path:
-                self.paths.add(path)
-
-    def delete(self) -> None:
-        if self.keep or self.root is None:
-            return
-        root = os.path.realpath(self.root)
-        for path in list(self.paths):
-            real = os.path.realpath(path)
-            if real.startswith(root + os.sep):
-                try:
-                    os.remove(real)
-                    os.rmdir(os.path.dirname(real))  # gradio keeps each upload in its own hash folder
-                except OSError:
-                    pass
-        self.paths.clear()
 
 
 def _delete_session_files(files: object) -> None:
@@ -89,7 +57,7 @@ def build_app(config: ServeConfig | None = None) -> Any:
     import gradio as gr
 
     from . import compute, views
-    from .inputs import read_photo
+    from .inputs import payload_name, read_photo
     from .live import LiveState, process_frame
 
     config = config or ServeConfig()
@@ -99,8 +67,25 @@ def build_app(config: ServeConfig | None = None) -> Any:
         raise FaceLensError("no face model has its weights on this machine; run `facelens models` to see which")
     default_model = compute.REID_MODEL if compute.REID_MODEL in models else models[0]
 
+    upload_dir = config.upload_dir or _gradio_upload_dir()
+
     def new_files() -> SessionFiles:
-        return SessionFiles(config.upload_dir, config.keep_uploads)
+        return SessionFiles(upload_dir, config.keep_uploads)
+
+    def read_own(files: SessionFiles, payload: Any, what: str) -> Any:
+        """The photo as a pixel array, read from the session's own copy of the file."""
+        return read_photo(files.claim(payload, what), limit, what)
+
+    def read_optional(files: SessionFiles, payload: Any, what: str, used: bool) -> Any:
+        """A photo the settings may not use: taken into the session all the same (so it is deleted
+        with it), read only when used, and then its errors are the user's to see."""
+        try:
+            claimed = files.claim(payload, what)
+        except UploadError:
+            if used:
+                raise
+            return None
+        return read_photo(claimed, limit, what) if used else None
 
     # -- handlers ------------------------------------------------------------------------------
     def targets_for(model_name: str) -> Any:
@@ -109,38 +94,39 @@ def build_app(config: ServeConfig | None = None) -> Any:
         choices = compute.target_choices(load_model(model_name))
         return gr.Dropdown(choices=choices, value=choices[0])
 
-    def explain_photo(photo: Any, reference: Any, model_name: str, target: str, methods: list[str],
+    def explain_photo(photo_in: Any, reference: Any, model_name: str, target: str, methods: list[str],
                       files: SessionFiles) -> tuple[str, SessionFiles]:
-        files.add([photo, reference])
-        img = read_photo(photo, limit, "photo")
-        ref = read_photo(reference, limit, "reference photo") if target == compute.REFERENCE_PHOTO else None
-        return views.analysis_html(compute.analyze(model_name, img, methods or [], target, ref)), files
+        img = read_own(files, photo_in, "photo")
+        ref = read_optional(files, reference, "reference photo", target == compute.REFERENCE_PHOTO)
+        names = (payload_name(photo_in, "photo"), payload_name(reference, "reference photo"))
+        return views.analysis_html(compute.analyze(model_name, img, methods or [], target, ref, names=names)), files
 
-    def anonymize_photo(photo: Any, reference: Any, model_name: str, target: str, methods: list[str],
+    def anonymize_photo(photo_in: Any, reference: Any, model_name: str, target: str, methods: list[str],
                         anonymization: str, strength: float, files: SessionFiles) -> tuple[str, SessionFiles]:
-        files.add([photo, reference])
-        img = read_photo(photo, limit, "photo")
-        ref = read_photo(reference, limit, "reference photo") if target == compute.REFERENCE_PHOTO else None
+        img = read_own(files, photo_in, "photo")
+        ref = read_optional(files, reference, "reference photo", target == compute.REFERENCE_PHOTO)
+        names = (payload_name(photo_in, "photo"), payload_name(reference, "reference photo"))
         method = (methods or list(compute.DEFAULT_METHODS))[0]
-        fx = compute.anonymization_effect(model_name, img, method, anonymization, float(strength), target, ref)
+        fx = compute.anonymization_effect(model_name, img, method, anonymization, float(strength), target, ref,
+                                          names=names)
         return views.anonymization_html(fx), files
 
     def verify_pair(photo_a: Any, photo_b: Any, detail: str, files: SessionFiles) -> tuple[str, SessionFiles]:
-        files.add([photo_a, photo_b])
-        a = read_photo(photo_a, limit, "photo A")
-        b = read_photo(photo_b, limit, "photo B")
-        return views.verification_html(compute.verify(compute.REID_MODEL, a, b, detail)), files
+        a = read_own(files, photo_a, "photo A")
+        b = read_own(files, photo_b, "photo B")
+        names = (payload_name(photo_a, "photo A"), payload_name(photo_b, "photo B"))
+        return views.verification_html(compute.verify(compute.REID_MODEL, a, b, detail, names=names)), files
 
     for fn in (explain_photo, anonymize_photo, verify_pair):
         fn.returns_state = True  # type: ignore[attr-defined]
 
-    def live_frame(frame: Any, state: LiveState | None, model_name: str) -> tuple[str, LiveState]:
+    def live_frame(frame: Any, state: LiveState | None, model_name: str,
+                   files: SessionFiles) -> tuple[str, LiveState, SessionFiles]:
         state = state if isinstance(state, LiveState) else LiveState()
         try:
-            img = read_photo(frame, limit, "webcam frame")
+            img = read_photo(files.claim(frame, "webcam frame"), limit, "webcam frame")
         finally:
-            if not config.keep_uploads:
-                _drop_frame(frame, config)
+            files.drop(frame)  # only the session's own copy; a frame is never needed twice
         with _COMPUTE:
             result = process_frame(state, img, model_name, max_side=config.live_max_side,
                                    detect_every=config.live_detect_every)
@@ -148,13 +134,14 @@ def build_app(config: ServeConfig | None = None) -> Any:
         stats = (f"{state.rate():.1f} frames/s processed, {state.mean_compute_ms():.0f} ms per frame on the server "
                  f"({face}; face re-detected every {config.live_detect_every} frames, frames scaled to "
                  f"{config.live_max_side} px)")
-        return views.live_html(result.image, stats, state.frames), state
+        return views.live_html(result.image, stats, state.frames), state, files
 
-    def live_guarded(frame: Any, state: LiveState | None, model_name: str) -> tuple[str, LiveState]:
+    def live_guarded(frame: Any, state: LiveState | None, model_name: str,
+                     files: SessionFiles) -> tuple[str, LiveState, SessionFiles]:
         try:
-            return live_frame(frame, state, model_name)
+            return live_frame(frame, state, model_name, files)
         except FaceLensError as exc:
-            return views.error_html(str(exc)), state if isinstance(state, LiveState) else LiveState()
+            return views.error_html(str(exc)), state if isinstance(state, LiveState) else LiveState(), files
 
     # -- layout --------------------------------------------------------------------------------
     methods_help = ("gradient methods and CAMs take well under a second; occlusion, scorecam, rise and the "
@@ -220,7 +207,10 @@ def build_app(config: ServeConfig | None = None) -> Any:
                          preprocess=False, api_name="verify", concurrency_limit=1)
         if not config.keep_uploads:
             demo.unload(_end_session(demo))
-        cam.stream(live_guarded, [cam, live_state, live_model], [live_out, live_state], preprocess=False,
+        # the session's files are an output too: gradio calls a State's delete callback only once an
+        # event has returned it, and a webcam-only session must get its folder deleted as well
+        cam.stream(live_guarded, [cam, live_state, live_model, files], [live_out, live_state, files],
+                   preprocess=False,
                    stream_every=config.live_stream_every, time_limit=None, concurrency_limit=4, api_name="live",
                    show_progress="hidden")
     return demo
@@ -245,11 +235,11 @@ def _load(name: str) -> Any:
     return load_model(name)
 
 
-def _drop_frame(frame: object, config: ServeConfig) -> None:
-    """Delete a streamed webcam frame's file at once: frames are never needed twice."""
-    files = SessionFiles(config.upload_dir)
-    files.add([frame])
-    files.delete()
+def _gradio_upload_dir() -> str:
+    """Where gradio stores uploads when the app is built without `facelens.web.server.launch`."""
+    from gradio.utils import get_upload_folder
+
+    return get_upload_folder()
 
 
 def _delete_cache(config: ServeConfig) -> tuple[int, int] | None:

@@ -111,9 +111,24 @@ class Analysis:
         }
 
 
+def _find_face(model: FaceModel, photo: np.ndarray, name: str) -> Face | None:
+    """The face the model will use, detected first so that an error names the user's file.
+
+    The API only sees arrays here (``<array 3x4000>`` in its messages); detection results are
+    remembered by content, so the model's own detection of the same photo costs nothing more.
+    """
+    from ..faces.detect import pick_face
+
+    return pick_face(photo, source=name) if model.recipe.needs_face else None
+
+
 def analyze(model_name: str, photo: np.ndarray, methods: Sequence[str], target: str | None = None,
-            reference: np.ndarray | None = None) -> Analysis:
-    """Explain ``photo`` with each method (one detection, one alignment) and read the model's outputs."""
+            reference: np.ndarray | None = None, *, names: tuple[str, str] = ("photo", "reference photo"),
+            ) -> Analysis:
+    """Explain ``photo`` with each method (one detection, one alignment) and read the model's outputs.
+
+    ``names`` are what errors call the photo and the reference (the files' original names).
+    """
     from ..explain.api import explain_methods
     from ..models.registry import load_model
 
@@ -124,7 +139,10 @@ def analyze(model_name: str, photo: np.ndarray, methods: Sequence[str], target: 
         raise FaceLensError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CHOICES)}")
     model = load_model(model_name)
     tgt, ref = _target_and_reference(model, target, reference)
-    exps = explain_methods(model, photo, list(methods), tgt, reference=ref)
+    found = _find_face(model, photo, names[0])
+    if ref is not None:
+        _find_face(model, ref, names[1])
+    exps = explain_methods(model, photo, list(methods), tgt, reference=ref, face=found)
     face = exps[0].chip.face
     assert face is not None  # every zoo face model aligns on a detected face
     outputs: dict[str, object]
@@ -172,7 +190,8 @@ class AnonymizationEffect:
 
 def anonymization_effect(model_name: str, photo: np.ndarray, method: str, anonymization: str,
                          strength: float | None = None, target: str | None = None,
-                         reference: np.ndarray | None = None) -> AnonymizationEffect:
+                         reference: np.ndarray | None = None, *,
+                         names: tuple[str, str] = ("photo", "reference photo")) -> AnonymizationEffect:
     """Anonymize the face (landmark-placed), explain the copy, and measure score and re-identification."""
     from ..explain.api import explain, resolve_target
     from ..faces.anonymize import DEFAULT_STRENGTHS, anonymize
@@ -184,7 +203,9 @@ def anonymization_effect(model_name: str, photo: np.ndarray, method: str, anonym
         strength = None
     model = load_model(model_name)
     tgt_spec, ref = _target_and_reference(model, target, reference)
-    chip = model.chip(photo)
+    chip = model.chip(photo, _find_face(model, photo, names[0]))
+    if ref is not None:
+        _find_face(model, ref, names[1])
     face = chip.face
     assert face is not None
     tgt = resolve_target(model, chip, tgt_spec, ref)
@@ -217,7 +238,8 @@ class Verification:
 PAIR_DETAIL: dict[str, tuple[int, int]] = {"coarse": (36, 24), "fine": (24, 12)}
 
 
-def verify(model_name: str, photo_a: np.ndarray, photo_b: np.ndarray, detail: str = "coarse") -> Verification:
+def verify(model_name: str, photo_a: np.ndarray, photo_b: np.ndarray, detail: str = "coarse", *,
+           names: tuple[str, str] = ("photo A", "photo B")) -> Verification:
     """Similarity, distance and decision of two photos, with their pair occlusion maps."""
     from ..explain.face import pair_maps
     from ..models.registry import load_model
@@ -227,5 +249,7 @@ def verify(model_name: str, photo_a: np.ndarray, photo_b: np.ndarray, detail: st
     model = load_model(model_name)
     if model.task != "embedding":
         raise ModelError(f"{model.name} is a classifier; verification needs a recognizer such as {REID_MODEL}")
+    for photo, name in zip((photo_a, photo_b), names, strict=True):
+        _find_face(model, photo, name)
     window, stride = PAIR_DETAIL[detail]
     return Verification(pair_maps(model, photo_a, photo_b, window=window, stride=stride))

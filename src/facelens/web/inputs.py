@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import FaceLensError, ImageError
 
-__all__ = ["UploadError", "payload_name", "payload_path", "read_photo"]
+__all__ = ["UploadError", "gone_message", "payload_name", "payload_path", "read_photo"]
 
 
 class UploadError(FaceLensError):
@@ -45,6 +45,10 @@ def payload_path(payload: object) -> str | None:
     return None
 
 
+def gone_message(name: str) -> str:
+    return f"{name}: the uploaded file is gone (it is deleted after the session); upload it again"
+
+
 def _mb(n_bytes: float) -> str:
     return f"{n_bytes / 1e6:.1f} MB"
 
@@ -65,22 +69,36 @@ def read_photo(payload: object, max_bytes: int, what: str = "photo") -> np.ndarr
     url = payload.get("url") if isinstance(payload, Mapping) else None
     path = payload_path(payload)
     if path is None and isinstance(url, str) and url.startswith("data:"):
-        try:
-            data = base64.b64decode(url.split(",", 1)[1], validate=False)
-        except (IndexError, binascii.Error, ValueError):
-            raise ImageError(name, "the browser sent a malformed data URL") from None
-        _check_size(len(data), max_bytes, name)
-        return _load_named(data, name)
+        return _load_named(_decode_data_url(url, max_bytes, name), name)
     if path is None:
         raise UploadError(f"{name}: the browser sent no file")
     try:
         size = os.path.getsize(path)
     except OSError:
-        raise UploadError(f"{name}: the uploaded file is gone (it is deleted after the session); "
-                          "upload it again") from None
+        raise UploadError(gone_message(name)) from None
     _check_size(size, max_bytes, name)
     with open(path, "rb") as f:
         return _load_named(f.read(), name)
+
+
+def _decode_data_url(url: str, max_bytes: int, name: str) -> bytes:
+    """The bytes of a base64 data URL, refused by its length before anything is decoded or copied.
+
+    Every 4 base64 characters hold 3 bytes, so ``(len - padding) * 3 // 4`` bounds the decoded
+    size from above (whitespace and stray characters only make the bound looser).
+    """
+    comma = url.find(",", 0, 1024)  # the header ("data:image/png;base64,") is short: never scan the data
+    if comma < 0 or ";base64" not in url[:comma]:
+        raise ImageError(name, "the browser sent a malformed data URL (no base64 data)")
+    chars = len(url) - comma - 1
+    bound = (chars - url.count("=", max(comma + 1, len(url) - 2))) * 3 // 4
+    _check_size(bound, max_bytes, name)
+    try:
+        data = base64.b64decode(url[comma + 1:], validate=False)
+    except (binascii.Error, ValueError):
+        raise ImageError(name, "the browser sent a malformed data URL") from None
+    _check_size(len(data), max_bytes, name)
+    return data
 
 
 def _check_size(size: int, max_bytes: int, name: str) -> None:

@@ -1,8 +1,10 @@
 """Running the app: private upload directory, offline settings, clean shutdown.
 
 * Uploads go to a fresh private directory (``GRADIO_TEMP_DIR``), deleted with everything in it
-  when the server stops, unless ``keep_uploads``; during a run, a session's photos are deleted
-  when its browser tab closes (see `facelens.web.app.SessionFiles`).
+  when the server stops, unless ``keep_uploads``; during a run, each upload gets its own random
+  folder and each session its own copies, deleted when its browser tab closes (see
+  `facelens.web.uploads`). A directory left by a server that was killed (SIGKILL, out of memory)
+  is removed by the next `serve`, judging by the pid file inside it.
 * Offline: gradio's analytics and version check are off (``GRADIO_ANALYTICS_ENABLED=False``),
   the theme uses system fonts only (no font stylesheet is fetched), and server-side rendering
   (a Node process) and the PWA manifest are off. The end-to-end tests check that the browser
@@ -22,6 +24,7 @@ from typing import Any
 
 from ..errors import FaceLensError
 from .config import ServeConfig
+from .uploads import SERVE_PREFIX, remove_stale, separate_uploads, write_pid
 
 __all__ = ["launch", "offline_theme", "serve"]
 
@@ -53,9 +56,13 @@ def launch(config: ServeConfig) -> tuple[Any, ServeConfig]:
         import gradio  # noqa: F401
     except ImportError:
         raise FaceLensError("facelens serve needs gradio: pip install 'facelens[web]'") from None
-    upload_dir = config.upload_dir or Path(tempfile.mkdtemp(prefix="facelens-serve-"))
+    created = config.upload_dir is None
+    upload_dir = config.upload_dir or Path(tempfile.mkdtemp(prefix=SERVE_PREFIX))
     upload_dir.mkdir(parents=True, exist_ok=True)
+    if created and not config.keep_uploads:
+        write_pid(upload_dir)
     os.environ["GRADIO_TEMP_DIR"] = str(upload_dir)
+    separate_uploads()
     config = ServeConfig(**{**config.__dict__, "upload_dir": upload_dir})
 
     from .app import build_app
@@ -80,6 +87,10 @@ def serve(config: ServeConfig) -> None:
     created = upload_dir is None
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if created:
+            stale = remove_stale(tempfile.gettempdir())
+            if stale:
+                print(f"facelens serve: removed {len(stale)} upload folder(s) left by stopped servers", flush=True)
         demo, config = launch(config)
         upload_dir = config.upload_dir
         kept = "kept after the server stops" if config.keep_uploads else "deleted when the server stops"
