@@ -196,3 +196,12 @@ def test_ray_worker_killed_mid_batch_and_bad_rows_lose_nothing(ray_cluster, tmp_
     assert [r["name"] for r in res.records] == [n for n in names if not n.startswith("bad")]
     assert sorted(Path(f.path).name for f in res.failures) == ["bad_a.jpg", "bad_b.jpg"]
     assert res.rows_in == res.rows_out + len(res.failures) == len(names)
+
+
+def test_ray_missing_is_one_line_saying_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(FaceLensError, match=r"--executor ray needs Ray: pip install -e '\.\[ray\]'"):
+        map_rows(_rows(["a.jpg"]), _name_worker, executor="ray")

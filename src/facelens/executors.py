@@ -17,6 +17,7 @@ tables). :func:`map_rows` is the map. Its contract, which every executor keeps:
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ def map_rows(rows: Sequence[ManifestRow], make_worker: Callable[[], BatchFn], *,
     rows = list(rows)
     start = time.perf_counter()
     if executor == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise FaceLensError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install 'ray[data]')")
         from .executors_ray import map_rows_ray
 
         result = map_rows_ray(rows, make_worker, address=address, batch_size=batch_size, workers=workers)

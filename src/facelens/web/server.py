@@ -55,7 +55,8 @@ def launch(config: ServeConfig) -> tuple[Any, ServeConfig]:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        raise FaceLensError("facelens serve needs gradio: pip install 'facelens[web]'") from None
+        raise FaceLensError("facelens serve needs Gradio: pip install -e '.[web]' in a clone "
+                            "(pip install 'facelens[web]' otherwise)") from None
     created = config.upload_dir is None
     upload_dir = config.upload_dir or Path(tempfile.mkdtemp(prefix=SERVE_PREFIX))
     upload_dir.mkdir(parents=True, exist_ok=True)
