@@ -68,17 +68,29 @@ def run_models(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    cols = ("name", "task", "input", "license", "cached", "source")
+    zoo = [r for r in rows if not r.get("user_file")]
+    _print_table(zoo, ("name", "task", "input", "license", "cached", "source"))
+    users = [{**r, "parity": "n/a" if r["parity_max_abs"] is None else f"{r['parity_max_abs']:.2g}"}
+             for r in rows if r.get("user_file")]
+    if users:
+        print()
+        _print_table(users, ("name", "task", "input", "preset", "format", "parity", "sha256", "source"))
+    return 0
+
+
+def _print_table(rows: list[dict[str, object]], cols: Sequence[str]) -> None:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    return 0
 
 
 @command("models", "list the model zoo: task, input, license, source, whether weights are cached")
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--model", action="append", default=None,
+                   help="also load this model file (.onnx, TorchScript) with --preset and list it: preset, input, "
+                        "sha256 and its parity with onnxruntime (repeatable)")
 
 
 # -- embed ----------------------------------------------------------------------------------------
@@ -254,6 +266,26 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 _CORE = frozenset(_COMMANDS)
 
 
+_PRESET_HELP = ("with a model file (.onnx, .pt, .ts): the chip and normalization it was trained with: arcface, "
+                "facenet, dlib or a preset .toml (see facelens.models.presets)")
+
+
+def _add_preset_options(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub-)command that takes ``--model`` a ``--preset``, so each command need not declare it.
+
+    The ``--model`` option's dest is remembered (``_model_dest``): ``report`` collects ``--model`` into
+    ``models``.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                _add_preset_options(child)
+    model = next((a for a in parser._actions if "--model" in a.option_strings), None)
+    if model is not None and not any("--preset" in a.option_strings for a in parser._actions):
+        parser.add_argument("--preset", default=None, help=_PRESET_HELP)
+        parser.set_defaults(_model_dest=model.dest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     if not _COMMANDS.keys() - _CORE:
         _load_command_modules()
@@ -261,13 +293,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, add_args, help_text) in _COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
+    _add_preset_options(parser)
     return parser
+
+
+def _preload_user_models(args: argparse.Namespace) -> None:
+    """Load model files named by ``--model`` with ``--preset`` once, before the handler runs.
+
+    The registry remembers the preset per file, so the handler's own ``load_model(args.model)`` calls
+    (and those deep in studies and the report) get this model from the cache.
+    """
+    dest = getattr(args, "_model_dest", None)
+    if dest is None:
+        return
+    value = getattr(args, dest, None)
+    names = value if isinstance(value, list) else [value]
+    preset = getattr(args, "preset", None)
+    from .models.registry import is_model_file
+
+    files = [n for n in names if n is not None and is_model_file(n)]
+    if preset is not None and not files:
+        from .errors import ModelError
+
+        raise ModelError("--preset applies to model files (--model my.onnx); zoo models bring their own")
+    if files:
+        from .models import load_model
+
+        for name in files:
+            load_model(name, preset=preset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = _COMMANDS[args.command][0]
     try:
+        _preload_user_models(args)
         return handler(args)
     except FaceLensError as exc:
         print(f"facelens: error: {exc}", file=sys.stderr)

@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 
 from facelens.errors import ImageError, ModelError
-from facelens.faces import AlignRecipe, Chip, align, detect_faces
+from facelens.faces import AlignRecipe, Chip, align, chip_region_masks, detect_faces
+from facelens.faces.align import similarity_matrix, template5_points
 from facelens.faces.landmarks import shape_predictor
 
-from .conftest import load_rgb
+from .conftest import LondonPhoto, load_rgb
+
+# InsightFace's arcface_dst (insightface/utils/face_align.py), typed out here independently of presets.py.
+ARCFACE_DST = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]])
+ARCFACE = AlignRecipe(112, method="template5", template=tuple(map(tuple, ARCFACE_DST)))
 
 # dlib's mean-face positions of its 5 landmarks in a chip without padding (interpolation.h,
 # get_face_chip_details); with padding p a template point t lands at (p + t) / (1 + 2p) · size.
@@ -165,3 +171,106 @@ def test_align_rejects_missing_face_and_bad_images(photos: list) -> None:
         chip.to_photo(np.zeros((4, 4, 7), np.float32))
     with pytest.raises(ModelError, match="without a face"):
         _ = align(image, None, AlignRecipe(64, method="none")).landmarks
+
+
+def _skimage_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """scikit-image's own estimate, as InsightFace's estimate_norm calls it (0.26 renamed the API)."""
+    from skimage.transform import SimilarityTransform
+
+    if hasattr(SimilarityTransform, "from_estimate"):
+        return SimilarityTransform.from_estimate(src, dst).params[:2]
+    tform = SimilarityTransform()
+    assert tform.estimate(src, dst)
+    return tform.params[:2]
+
+
+def test_template5_puts_the_five_points_on_the_template(london_neutral: list[LondonPhoto]) -> None:
+    residuals = []
+    for path, image, _, face in london_neutral:
+        chip = align(image, face, ARCFACE)
+        assert chip.image.shape == (112, 112, 3) and chip.image.dtype == np.uint8 and chip.face is face
+        five = template5_points(face.landmarks)
+        mapped = chip.points_to_chip(five)
+        # Least squares: the translation is optimal, so the fitted points' centroid is the template's.
+        assert np.abs(mapped.mean(0) - ARCFACE_DST.mean(0)).max() < 1e-9, path
+        residuals.append(np.hypot(*(mapped - ARCFACE_DST).T))
+        # The matrix carries all 68 landmarks; the chip is OpenCV's warp through that very matrix.
+        assert np.array_equal(chip.landmarks, chip.points_to_chip(face.landmarks))
+        assert np.allclose(chip.points_to_photo(chip.landmarks), face.landmarks, atol=1e-9)
+        warped = cv2.warpAffine(image, chip.matrix, (112, 112), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        assert np.array_equal(warped, chip.image), path
+        # Image-left eye first: the subject's right eye (36–41) is on the image's left.
+        assert mapped[0, 0] < mapped[1, 0] and mapped[3, 0] < mapped[4, 0] and mapped[:2, 1].max() < mapped[2, 1]
+    res = np.array(residuals)
+    print(f"\ntemplate5 residuals on {len(res)} London photos, px in the 112 chip: mean {res.mean():.2f}, "
+          f"max {res.max():.2f}; per point (eyes, nose, mouth corners) {np.round(res.mean(0), 2).tolist()}")
+    # A similarity cannot fit 5 points exactly, and dlib's nose tip (30) sits where ArcFace's does
+    # not quite: measured mean 1.44 px, max 6.6 px (a nose tip), worst photo mean 2.8 px.
+    assert res.mean() < 2.0 and res.mean(axis=1).max() < 3.5 and res.max() < 8.0
+    assert res[:, [0, 1, 3, 4]].mean() < 1.5  # eyes and mouth corners fit closer than the nose
+
+
+def test_template5_matrix_equals_scikit_images_similarity(london_neutral: list[LondonPhoto]) -> None:
+    for path, _, _, face in london_neutral:
+        five = template5_points(face.landmarks)
+        expected = _skimage_similarity(five, ARCFACE_DST)
+        assert np.abs(similarity_matrix(five, ARCFACE_DST) - expected).max() <= 1e-9, path
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        src, dst = rng.uniform(0, 500, (5, 2)), rng.uniform(0, 112, (5, 2))
+        assert np.abs(similarity_matrix(src, dst) - _skimage_similarity(src, dst)).max() <= 1e-9
+    # A similarity: equal scales, no shear, and exact on points that are a similarity image.
+    m = similarity_matrix(five, ARCFACE_DST)
+    assert np.isclose(m[0, 0], m[1, 1]) and np.isclose(m[0, 1], -m[1, 0])
+    angle, scale = 0.3, 0.7
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    assert np.allclose(similarity_matrix(five, five @ rot.T + [5.0, -3.0]), np.c_[rot, [5.0, -3.0]], atol=1e-9)
+    with pytest.raises(ModelError, match="coincide"):
+        similarity_matrix(np.ones((5, 2)), ARCFACE_DST)
+
+
+def test_template5_points_follow_the_template_order(london_neutral: list[LondonPhoto]) -> None:
+    pts = london_neutral[0][3].landmarks
+    five = template5_points(pts)
+    assert np.allclose(five[0], pts[36:42].mean(0)) and np.allclose(five[1], pts[42:48].mean(0))
+    assert np.array_equal(five[2:], pts[[30, 48, 54]])
+    with pytest.raises(ModelError):
+        template5_points(pts[:5])
+
+
+def test_regions_work_through_a_template5_chip(london_neutral: list[LondonPhoto]) -> None:
+    for path, image, _, face in london_neutral[:5]:
+        chip = align(image, face, ARCFACE)
+        masks = chip_region_masks(chip)
+        # The template's eyes lie in the eye regions, image-left eye = the subject's right eye.
+        for (x, y), region in zip(ARCFACE_DST[:2], ("right_eye", "left_eye"), strict=True):
+            assert masks[region][round(y), round(x)], (path, region)
+        assert masks["nose"][round(ARCFACE_DST[2, 1]) - 3, round(ARCFACE_DST[2, 0])], path
+        # Chip maps go back to the photo and return: a mask over the chip's eyes covers the photo's eyes.
+        eyes = masks["left_eye"] | masks["right_eye"]
+        on_photo = chip.chip_mask_to_photo(eyes)
+        centre = np.round(face.landmarks[36:42].mean(0)).astype(int)
+        assert on_photo[centre[1], centre[0]], path
+        assert (chip.photo_mask_to_chip(on_photo) != eyes).sum() < 0.2 * eyes.sum()
+
+
+def test_template5_recipe_validates_its_template() -> None:
+    assert ARCFACE.template == tuple(map(tuple, ARCFACE_DST.tolist()))
+    assert "112×112" in ARCFACE.describe() and "template" in ARCFACE.describe()
+    listed = AlignRecipe(112, method="template5", template=ARCFACE_DST.tolist())  # type: ignore[arg-type]
+    assert listed == ARCFACE and hash(listed) == hash(ARCFACE)
+    bad = [
+        (dict(method="template5"), "needs a template"),
+        (dict(method="dlib5", template=ARCFACE.template), "only used by"),
+        (dict(method="template5", template=ARCFACE_DST[:4].tolist()), "5 \\(x, y\\) points"),
+        (dict(method="template5", template=[[1.0, 1.0]] * 5), "coincide"),
+        (dict(method="template5", template=ARCFACE_DST[[1, 0, 2, 4, 3]].tolist()), "image-left eye"),
+        (dict(method="template5", template=(ARCFACE_DST * 100).tolist()), "far outside"),
+        (dict(method="template5", template=[[np.nan, 1.0]] * 5), "finite"),
+        (dict(method="template5", template="arcface"), "5 \\(x, y\\) points"),
+        (dict(method="template5", template=ARCFACE.template, width=96), "square"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ModelError, match=message):
+            AlignRecipe(112, **kwargs)  # type: ignore[arg-type]

@@ -12,6 +12,13 @@ through an image pyramid before its bilinear sampling when it shrinks a face;
 redoing that in OpenCV would only approximate it, so we let dlib cut the chip
 and derive the matrix from the chip's rectangle and angle the way dlib's
 ``get_mapping_to_chip`` does.
+
+"template5" chips are InsightFace's ``norm_crop`` (``insightface/utils/face_align.py``): five
+points (eye centres, nose tip, mouth corners; here from dlib's 68 landmarks) are fitted to a
+template by a least-squares similarity (Umeyama 1991, as scikit-image's
+``SimilarityTransform.estimate`` computes it, which ``norm_crop`` calls), and the photo is warped
+with ``cv2.warpAffine`` (bilinear, border 0). The fitted matrix *is* the chip's matrix: OpenCV and
+the template both put pixel centres at integer coordinates.
 """
 
 from __future__ import annotations
@@ -26,10 +33,32 @@ import numpy as np
 from ..errors import ImageError, ModelError
 from .detect import Face
 
-__all__ = ["AlignMethod", "AlignRecipe", "Chip", "align", "dlib_chip_matrix"]
+__all__ = ["AlignMethod", "AlignRecipe", "Chip", "align", "dlib_chip_matrix", "similarity_matrix",
+           "template5_points"]
 
-AlignMethod = Literal["dlib5", "box", "none"]
-_METHODS = ("dlib5", "box", "none")
+AlignMethod = Literal["dlib5", "box", "none", "template5"]
+_METHODS = ("dlib5", "box", "none", "template5")
+Template = tuple[tuple[float, float], ...]
+
+
+def _check_template(template: object, size: int) -> Template:
+    """Five finite (x, y) points, spread out enough for a similarity fit to be defined."""
+    try:
+        pts = np.array(template, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"template must be 5 (x, y) points, got {template!r}") from err
+    if pts.shape != (5, 2):
+        raise ModelError(f"template must be 5 (x, y) points (eyes, nose tip, mouth corners), got shape {pts.shape}")
+    if not np.isfinite(pts).all():
+        raise ModelError("template points must be finite numbers")
+    if np.hypot(*(pts[1] - pts[0])) < 1e-6 or pts.var(axis=0).sum() < 1e-6:
+        raise ModelError("template points coincide: the eyes (and the rest) must be distinct points")
+    if pts[1, 0] <= pts[0, 0]:
+        raise ModelError("template order is image-left eye, image-right eye, nose, image-left mouth corner, "
+                         "image-right mouth corner; its second point must lie right of the first")
+    if (np.abs(pts) > 4 * size).any():
+        raise ModelError(f"template points lie far outside a {size}×{size} chip: are they in chip pixels?")
+    return tuple((float(x), float(y)) for x, y in pts)
 
 
 @dataclass(frozen=True)
@@ -38,9 +67,13 @@ class AlignRecipe:
 
     ``padding`` is dlib's: the margin added on each side as a fraction of the
     face's size ("dlib5": of the landmark template, "box": of the detector
-    box's longer side). ``grayscale`` is informational: the network converts
+    box's longer side; "template5" ignores it, the template sets the margin).
+    ``grayscale`` is informational: the network converts
     inside itself, chips stay RGB. ``width`` lets a "none" recipe feed a
-    non-square network (default: square, ``size``×``size``).
+    non-square network (default: square, ``size``×``size``). ``template`` is
+    "template5"'s five target points in chip pixels of a ``size``×``size`` chip, in
+    InsightFace's order: image-left eye, image-right eye, nose tip, image-left and
+    image-right mouth corner (the subject's right eye is the image-left one).
     """
 
     size: int
@@ -48,6 +81,7 @@ class AlignRecipe:
     method: AlignMethod = "dlib5"
     grayscale: bool = False
     width: int | None = None
+    template: Template | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -60,6 +94,12 @@ class AlignRecipe:
             raise ModelError(f"'{self.method}' chips are square; only method='none' takes a width")
         if not np.isfinite(self.padding) or self.padding < 0:
             raise ModelError(f"padding must be >= 0, got {self.padding!r}")
+        if self.method == "template5":
+            if self.template is None:
+                raise ModelError("method='template5' needs a template: 5 (x, y) points in chip pixels")
+            object.__setattr__(self, "template", _check_template(self.template, int(self.size)))
+        elif self.template is not None:
+            raise ModelError(f"a template is only used by method='template5', not '{self.method}'")
 
     @property
     def chip_hw(self) -> tuple[int, int]:
@@ -77,6 +117,8 @@ class AlignRecipe:
             text = f"dlib 5-point chip, {w}×{h}, padding {self.padding:g}"
         elif self.method == "box":
             text = f"square crop around the face box, {w}×{h}, padding {self.padding:g}"
+        elif self.method == "template5":
+            text = f"5-point similarity to a template (eyes, nose tip, mouth corners), {w}×{h}"
         else:
             text = f"whole image resized to {w}×{h}, no alignment"
         return text + gray
@@ -224,6 +266,59 @@ def dlib_chip_matrix(details: dlib.chip_details) -> np.ndarray:
     return np.linalg.solve(src_h, dst).T
 
 
+def template5_points(landmarks68: np.ndarray) -> np.ndarray:
+    """The five points "template5" fits, from dlib's 68, in the template's (image-left first) order.
+
+    Eye centres (mean of 36–41, the subject's right eye, which is image-left; mean of 42–47),
+    nose tip (30), mouth corners (48, the subject's right, image-left; 54). InsightFace's
+    detectors predict these five directly; the eye centre of the six-point contour is our stand-in
+    for their pupil.
+    """
+    pts = np.asarray(landmarks68, dtype=np.float64)
+    if pts.shape != (68, 2):
+        raise ModelError(f"expected 68×2 landmarks, got shape {pts.shape}")
+    return np.array([pts[36:42].mean(axis=0), pts[42:48].mean(axis=0), pts[30], pts[48], pts[54]])
+
+
+def similarity_matrix(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) taking ``src`` onto ``dst``, 2×3.
+
+    Umeyama, "Least-squares estimation of transformation parameters between two point patterns",
+    IEEE TPAMI 13(4), 1991, step for step as scikit-image's ``_umeyama`` (``SimilarityTransform.estimate``,
+    what InsightFace's ``estimate_norm`` calls) computes it; written out here because scikit-image
+    0.26 deprecates ``estimate`` and 0.22–0.25 lack its replacement.
+    """
+    src, dst = np.asarray(src, dtype=np.float64), np.asarray(dst, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
+        raise ModelError(f"a similarity needs two N×2 point sets of one shape, got {src.shape} and {dst.shape}")
+    num, dim = src.shape
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_demean, dst_demean = src - src_mean, dst - dst_mean
+    a = dst_demean.T @ src_demean / num
+    d = np.ones(dim)
+    if np.linalg.det(a) < 0:
+        d[dim - 1] = -1
+    u, s, v = np.linalg.svd(a)
+    rank = np.linalg.matrix_rank(a)
+    src_var = src_demean.var(axis=0).sum()
+    if rank == 0 or not np.isfinite(a).all() or src_var <= 0:
+        raise ModelError("the points coincide: no similarity fits them")
+    t = np.eye(dim + 1)
+    if rank == dim - 1:
+        if np.linalg.det(u) * np.linalg.det(v) > 0:
+            t[:dim, :dim] = u @ v
+        else:
+            dd = d.copy()
+            dd[dim - 1] = -1
+            t[:dim, :dim] = u @ np.diag(dd) @ v
+    else:
+        t[:dim, :dim] = u @ np.diag(d) @ v
+    scale = 1.0 / src_var * (s @ d)
+    t[:dim, dim] = dst_mean - scale * (t[:dim, :dim] @ src_mean)
+    t[:dim, :dim] *= scale
+    return t[:2].copy()
+
+
 def _check_rgb(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or 0 in arr.shape:
@@ -266,6 +361,16 @@ def _align_box(rgb: np.ndarray, face: Face, recipe: AlignRecipe) -> tuple[np.nda
     return _resize(crop, (size, size)), _scale_matrix(scale, scale, left, top)
 
 
+def _align_template5(rgb: np.ndarray, face: Face, recipe: AlignRecipe) -> tuple[np.ndarray, np.ndarray]:
+    """InsightFace's ``norm_crop``: fit the five points to the template, warp bilinearly with border 0."""
+    assert recipe.template is not None
+    matrix = similarity_matrix(template5_points(face.landmarks), np.array(recipe.template))
+    size = int(recipe.size)
+    chip = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    return chip, matrix
+
+
 def _align_none(rgb: np.ndarray, recipe: AlignRecipe) -> tuple[np.ndarray, np.ndarray]:
     ch, cw = recipe.chip_hw
     h, w = rgb.shape[:2]
@@ -275,7 +380,7 @@ def _align_none(rgb: np.ndarray, recipe: AlignRecipe) -> tuple[np.ndarray, np.nd
 def align(image: np.ndarray, face: Face | None, recipe: AlignRecipe) -> Chip:
     """Cut the chip a model with this recipe takes.
 
-    "dlib5" and "box" need a face; "none" ignores it for the pixels but keeps it
+    "dlib5", "box" and "template5" need a face; "none" ignores it for the pixels but keeps it
     on the chip so regions can still be drawn there.
     """
     rgb = _check_rgb(image)
@@ -287,6 +392,9 @@ def align(image: np.ndarray, face: Face | None, recipe: AlignRecipe) -> Chip:
     elif recipe.method == "box":
         assert face is not None
         pixels, matrix = _align_box(rgb, face, recipe)
+    elif recipe.method == "template5":
+        assert face is not None
+        pixels, matrix = _align_template5(rgb, face, recipe)
     else:
         pixels, matrix = _align_none(rgb, recipe)
     return Chip(image=np.ascontiguousarray(pixels), matrix=matrix, photo_shape=(rgb.shape[0], rgb.shape[1]),

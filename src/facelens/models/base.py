@@ -60,6 +60,9 @@ class FaceModel:
     #: recognizers: the statistics of other people's embeddings that give match scores a unit
     #: (:mod:`facelens.models.cohort`); None when the model ships none and the user gave none
     cohort: Cohort | None = None
+    #: user files (:mod:`facelens.models.user_file`): format, path, sha256, preset and the conversion's parity
+    #: figure, so reports can say exactly which network they explain; empty for zoo models
+    provenance: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.net.eval()
@@ -169,4 +172,5 @@ class FaceModel:
             "classes": len(self.class_names) if self.class_names else None, "layers": dict(self.layers),
             "license": self.license, "source": self.source,
             "cohort": self.cohort.describe() if self.cohort is not None else None,
+            **({"provenance": dict(self.provenance)} if self.provenance else {}),
         }

