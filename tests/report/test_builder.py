@@ -72,7 +72,7 @@ def test_default_report_html_is_self_contained(default_report):
     assert page.startswith("<!DOCTYPE html>")
     assert not EXTERNAL.search(page), EXTERNAL.search(page).group(0)
     assert "<script" not in page.lower()
-    assert page.count('src="data:image/png;base64,') >= 8
+    assert page.count('src="data:image/png;base64,') + page.count('src="data:image/webp;base64,') >= 8
     for title in ("Where the network looks", "What the filters detect", "Anonymization", "One-shot recognition",
                   "Bias summary", "Shipping"):
         assert title in page

@@ -30,7 +30,19 @@ def test_figure_accepts_a_matplotlib_figure():
 
     fig, ax = new_figure(figsize=(2, 1))
     ax.plot([0, 1], [0, 1])
-    assert 'src="data:image/png;base64,' in H.figure(fig, "a line")
+    assert 'src="data:image/png;base64,' in H.figure(fig, "a line")  # line art stays lossless
+
+
+def test_photo_like_images_are_webp_and_look_the_same():
+    rng = np.random.default_rng(0)
+    smooth = (np.stack(np.meshgrid(np.linspace(0, 255, 200), np.linspace(0, 255, 150)), -1).sum(-1) / 2)
+    tint = np.array([1.0, 0.8, 0.6])  # a colour gradient with grain, as a photo has (grain shared by the channels)
+    photo = np.clip(smooth[..., None] * tint + rng.normal(0, 8, (150, 200, 1)), 0, 255).astype(np.uint8)
+    mime, data = H.image_bytes(photo)
+    assert mime == "image/webp" and len(data) < 0.6 * len(H.png_bytes(photo))
+    back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+    assert np.abs(back - photo).mean() < 4  # lossy, yet well within the grain the photo already has
+    assert H.img_src(photo).startswith("data:image/webp;base64,")
 
 
 def test_table_formats_numbers_and_escapes_text():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -347,7 +348,7 @@ def test_cli_bias_writes_files(tmp_path, small_manifest):
     assert (out / "bias_groups.png").stat().st_size > 1000
     assert (out / "bias_attention.png").stat().st_size > 1000
     assert (out / "bias_group_metrics.csv").read_text().startswith("metric,attribute,group")
-    assert "data:image/png;base64" in (out / "bias.html").read_text()
+    assert re.search(r"data:image/(png|webp);base64,", (out / "bias.html").read_text())
 
 
 def test_cli_contrast_end_to_end(contrast_run):

@@ -79,7 +79,8 @@ def test_explain_shows_two_overlays_and_the_api_numbers(explained: dict, photo: 
     assert explained["screenshot"].stat().st_size > 10_000
     figures = page.locator("#results .fl-overlays figure img")
     assert figures.count() == 1 + len(METHODS)  # the aligned input, then one overlay per method
-    assert all(figures.nth(i).get_attribute("src").startswith("data:image/png;base64,") for i in range(figures.count()))
+    embedded = ("data:image/png;base64,", "data:image/webp;base64,")
+    assert all(figures.nth(i).get_attribute("src").startswith(embedded) for i in range(figures.count()))
     assert all(figures.nth(i).evaluate("img => img.naturalWidth") > 0 for i in range(figures.count()))
 
     api = {e.method: e for e in explain_methods("dlib-resnet", photo, METHODS)}
