@@ -224,3 +224,23 @@ def test_cli_explains_an_arcface_like_onnx(tmp_path: Path) -> None:
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert Path(args[1]).name in lines[0]
+
+
+def test_report_builds_on_a_user_model(tmp_path: Path) -> None:
+    """`facelens report --model my.onnx --preset arcface`: every section, including the studies that name
+    the model by its file name rather than its path."""
+    import contextlib
+    import io
+    import json
+
+    from facelens.cli import main
+
+    model = _export_onnx(_tiny_cnn(out=512, seed=5), tmp_path / "my_arcface.onnx", 112)
+    out = tmp_path / "report"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["report", "--model", str(model), "--preset", "arcface", "--out", str(out)])
+    assert code == 0 and "not built" not in err.getvalue(), err.getvalue()
+    assert (out / "index.html").is_file()
+    assert load_model("my_arcface.onnx") is load_model(model)  # the name finds the loaded file
+    assert "my_arcface.onnx" in json.dumps(json.loads((out / "report.json").read_text()))

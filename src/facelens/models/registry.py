@@ -143,6 +143,11 @@ def _load_file(path: str | os.PathLike[str], preset: Preset | str | os.PathLike[
 
     real = os.path.realpath(os.fspath(path))
     if not Path(real).is_file():
+        # a study or report section names the model by its `name` (the file's name), not its path
+        with _lock:
+            named = [m for m in _user_models.values() if m.name == os.fspath(path)]
+        if len(named) == 1:
+            return copy.deepcopy(named[0]) if fresh else named[0]
         raise ModelError(f"{os.fspath(path)}: no such model file")
     with _lock:
         remembered = _file_presets.get(real)
