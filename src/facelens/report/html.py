@@ -37,6 +37,7 @@ table.fl caption{caption-side:bottom;text-align:left;font-size:.9em;color:#444;p
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.6em 0}
 .bad{background:#fdecea;border-left:4px solid #d93025;padding:.4em .8em;margin:.6em 0}
 .how{font-size:.88em;color:#555}
+dt{font-weight:600;margin-top:.4em}dd{margin-left:1.5em}
 """
 
 
