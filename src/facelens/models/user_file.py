@@ -19,7 +19,6 @@ A trailing ``Softmax`` of an ONNX classifier is dropped: facelens classifiers re
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..weights import _sha256
 from .base import FaceModel, Task
 
 if TYPE_CHECKING:
@@ -55,14 +55,6 @@ def _one_line(exc: BaseException) -> str:
     """An exception's message on one line (protobuf and torch errors span several)."""
     text = " ".join(str(exc).split())
     return text[:300] + ("…" if len(text) > 300 else "") if text else type(exc).__name__
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fmt_shape(dims: Sequence[int | str]) -> str:
@@ -382,7 +374,7 @@ def _finish(body: nn.Module, file: Path, shown: str, preset: Preset, info: dict[
     elif task == "classification":
         class_names = [str(i) for i in range(out_dim)]
     task = task or "embedding"
-    sha = _sha256(file)
+    sha = _sha256(file)  # the weights module's streaming hash: the same digest `facelens models` shows
     info.update(path=str(file.resolve()), sha256=sha, preset=preset.name, preset_spec=preset.as_dict(),
                 input_size=f"{h}×{w}", task=task)
     parity = info.get("parity_max_abs")
