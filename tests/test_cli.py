@@ -66,9 +66,17 @@ def test_help_lists_every_method_and_the_defaults(capsys):
     assert "(default: gradcam,occlusion)" in text and "(default: out/explain)" in text and "--preset" in text
 
 
-def test_models_table_fits_100_columns(capsys):
+def test_models_table_fits_100_columns(capsys, tmp_path):
+    import torch
+
     from facelens.cli import main
 
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    onnx_file = tmp_path / ("a_model_file_with_a_rather_long_name_" * 2 + ".onnx")
+    torch.onnx.export(net, (torch.rand(1, 3, 112, 112),), str(onnx_file), opset_version=17, dynamo=False)
+    assert main(["models", "--model", str(onnx_file), "--preset", "arcface"]) == 0  # a user model's table too
+    lines = capsys.readouterr().out.splitlines()
+    assert "preset" in " ".join(lines) and max(len(line.rstrip()) for line in lines) <= 100
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and max(len(line.rstrip()) for line in lines) <= 100

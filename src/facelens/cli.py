@@ -83,7 +83,11 @@ def run_models(args: argparse.Namespace) -> int:
              for r in rows if r.get("user_file")]
     if users:
         print()
-        _print_table(users, ("name", "task", "input", "preset", "format", "parity", "sha256", "source"))
+        if args.wide:
+            _print_table(users, ("name", "task", "input", "preset", "format", "parity", "sha256", "source"))
+        else:  # 100 columns: the hash's first 12 digits name the file well enough, --wide shows all
+            _print_table([{**r, "name": _clip(str(r["name"]), 30), "sha256": str(r["sha256"])[:12]} for r in users],
+                         ("name", "task", "input", "preset", "format", "parity", "sha256"))
     return 0
 
 
