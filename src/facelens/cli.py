@@ -175,10 +175,11 @@ def run_explain(args: argparse.Namespace) -> int:
     grid = out / "methods_grid.png"
     reference = None
     if args.reference is not None:  # shown beside the input: the grid explains a match with this photo
+        from .image import load_image
         from .models import load_model
 
         model = load_model(args.model)
-        reference = model.chip(args.reference).image if not args.on_photo else _load_rgb(args.reference)
+        reference = model.chip(args.reference).image if not args.on_photo else load_image(args.reference)
     save_png(grid, figure_grid(exps, on="photo" if args.on_photo else "chip",
                                title=f"{exps[0].model}: {exps[0].target}", reference=reference))
     match = _match_line(args, exps[0])
@@ -199,12 +200,6 @@ def run_explain(args: argparse.Namespace) -> int:
         print(f"{r['method']:<22} {r['seconds'] * 1000:8.1f} ms  {r['target']}: {r['score']:.4g}{unit}")
     print(out / "explanations.json")
     return 0
-
-
-def _load_rgb(path: str) -> object:
-    from .image import load_image
-
-    return load_image(path)
 
 
 def _match_line(args: argparse.Namespace, e: object) -> str | None:

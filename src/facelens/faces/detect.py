@@ -276,10 +276,10 @@ def _detect(rgb: np.ndarray, levels: list[int], min_score: float) -> list[Face]:
         if len(rects):
             found_at = level
             break
-    faces = [Face(box=(r.left(), r.top(), r.right(), r.bottom()), score=score,
-                  landmarks=landmarks68(rgb, (r.left(), r.top(), r.right(), r.bottom())),
-                  landmarks5=landmarks5(rgb, (r.left(), r.top(), r.right(), r.bottom())), upsample=found_at)
-             for r, score in zip(rects, scores, strict=True)]
+    boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+    faces = [Face(box=box, score=score, landmarks=landmarks68(rgb, box), landmarks5=landmarks5(rgb, box),
+                  upsample=found_at)
+             for box, score in zip(boxes, scores, strict=True)]
     faces.sort(key=lambda f: (-f.area, -f.score))
     return faces
 

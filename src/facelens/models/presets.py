@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -194,18 +193,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def _template(value: object, size: int) -> tuple[tuple[float, float], ...]:
+def _template(value: object, size: int) -> object:
+    """A named template scaled to ``size``, or the given points as they are: `AlignRecipe` checks them
+    (shape, finiteness, order), and `_from_mapping` names the key in its error."""
     if isinstance(value, str):
         if value.lower() != "arcface":
             raise ModelError(f"preset key 'template': a named template must be 'arcface', got {value!r}")
         return arcface_template(size)
-    try:
-        pts = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ModelError(f"preset key 'template': expected 'arcface' or 5 [x, y] points, got {value!r}") from err
-    if pts.shape != (5, 2):
-        raise ModelError(f"preset key 'template': expected 'arcface' or 5 [x, y] points, got shape {pts.shape}")
-    return tuple((float(x), float(y)) for x, y in pts)
+    return value
 
 
 def _from_mapping(spec: Mapping[str, Any], default_name: str = "custom") -> Preset:
